@@ -1,0 +1,284 @@
+"""A COCO-format image set with box prompts: the evaluation (and calibration) data of the protocol.
+
+The prompts of an image are either a detector's boxes (a COCO detection-results file: a JSON list of
+`{image_id, category_id, bbox [x, y, w, h], score}`) or the image's ground-truth boxes (score 1).
+Everything is validated when the set is built, with `DatasetError`s that say what to fix; images and
+masks are read lazily, per sample, so the 5000 images of COCO val2017 cost only their annotations.
+
+Crowd annotations (`iscrowd=1`) are neither prompts nor mIoU targets; COCOeval ignores them too.
+Images without prompts are kept: they add nothing to mAP, but their ground truth counts as misses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+logger = logging.getLogger(__name__)
+
+PROMPT_SOURCES = ("detector", "gt_boxes")
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+_PROMPT_FIELDS = ("image_id", "category_id", "bbox", "score")
+
+
+class DatasetError(ValueError):
+    """A dataset file or argument is unusable; the message says which and what to fix."""
+
+
+@dataclasses.dataclass
+class ImageSample:
+    """One image with its prompts (N boxes) and its non-crowd ground truth (M instances).
+
+    image: (H, W, 3) uint8 RGB. boxes: (N, 4) float32 xyxy pixels; scores: (N,) float32;
+    category_ids: (N,) int64. gt_boxes: (M, 4) float32 xyxy; gt_masks: (M, H, W) bool;
+    gt_category_ids: (M,) int64.
+    """
+
+    image_id: int
+    image: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    category_ids: np.ndarray
+    gt_boxes: np.ndarray
+    gt_masks: np.ndarray
+    gt_category_ids: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompts:
+    """All prompts of the set, sorted by image id; `spans[image_id] = (start, stop)` rows."""
+
+    boxes: np.ndarray  # (P, 4) float32 xyxy
+    scores: np.ndarray  # (P,) float32
+    category_ids: np.ndarray  # (P,) int64
+    spans: dict[int, tuple[int, int]]
+
+
+def _read_json(path: Path, what: str, option: str) -> object:
+    if not path.is_file():
+        raise DatasetError(f"{what} file not found: {path} (set {option} to an existing JSON file)")
+    try:
+        with path.open("rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{what} file {path} is not valid JSON ({err}); re-export it") from err
+
+
+def _load_coco(annotations_file: Path) -> COCO:
+    """Read a COCO instances file into an indexed `COCO` object without pycocotools' prints."""
+    data = _read_json(annotations_file, "annotations", "data.annotations")
+    if not isinstance(data, dict):
+        raise DatasetError(f"annotations file {annotations_file} must hold a JSON object, "
+                           f"got {type(data).__name__}")
+    missing = [key for key in _REQUIRED_KEYS if key not in data]
+    if missing:
+        raise DatasetError(f"annotations file {annotations_file} lacks key(s) {missing}; "
+                           "it must be a COCO instances file with 'images', 'annotations', 'categories'")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _prompt_problem(entry: object) -> str | None:
+    """Why one detection-results entry is unusable, or None if it is fine."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    missing = [key for key in _PROMPT_FIELDS if key not in entry]
+    if missing:
+        return f"lacks field(s) {missing}"
+    bbox = entry["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        return f"has bbox {bbox!r}, not a list of 4 numbers [x, y, w, h]"
+    if not _is_number(entry["score"]) or not all(math.isfinite(v) for v in [*bbox, entry["score"]]):
+        return f"has a non-finite or non-numeric bbox/score ({bbox}, {entry['score']!r})"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"has non-positive width/height in bbox {bbox}"
+    if not isinstance(entry["image_id"], int) or not isinstance(entry["category_id"], int):
+        return "has a non-integer image_id or category_id"
+    return None
+
+
+def _validate_prompts(entries: object, path: Path, coco: COCO) -> list[dict]:
+    """Check every entry's fields, and that its image and category exist in the annotations."""
+    if not isinstance(entries, list):
+        raise DatasetError(f"prompts file {path} must hold a JSON list of detections, "
+                           f"got {type(entries).__name__}")
+    for index, entry in enumerate(entries):
+        problem = _prompt_problem(entry)
+        if problem:
+            raise DatasetError(f"prompts file {path}: entry {index} {problem}")
+    unknown_images = sorted({e["image_id"] for e in entries} - set(coco.imgs))
+    if unknown_images:
+        raise DatasetError(f"prompts file {path} names {len(unknown_images)} image id(s) absent from the "
+                           f"annotations (e.g. {unknown_images[:5]}); use the annotations of the same split")
+    unknown_cats = sorted({e["category_id"] for e in entries} - set(coco.cats))
+    if unknown_cats:
+        raise DatasetError(f"prompts file {path} uses category id(s) {unknown_cats[:5]} absent from the "
+                           f"annotations (known: {sorted(coco.cats)[:10]}...); map detector labels to COCO ids")
+    return entries
+
+
+def _group_prompts(image_ids: np.ndarray, boxes_xywh: np.ndarray, scores: np.ndarray,
+                   category_ids: np.ndarray) -> _Prompts:
+    """Sort prompts by image id (stably) and index each image's rows; boxes become xyxy."""
+    order = np.argsort(image_ids, kind="stable")
+    ids, boxes = image_ids[order], boxes_xywh[order].astype(np.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    unique, starts, counts = np.unique(ids, return_index=True, return_counts=True)
+    spans = {int(i): (int(s), int(s + c)) for i, s, c in zip(unique, starts, counts)}
+    return _Prompts(boxes, scores[order].astype(np.float32), category_ids[order].astype(np.int64), spans)
+
+
+def _detector_prompts(prompts_file: Path, coco: COCO) -> _Prompts:
+    entries = _validate_prompts(_read_json(prompts_file, "prompts", "data.prompts"), prompts_file, coco)
+    return _group_prompts(np.array([e["image_id"] for e in entries], dtype=np.int64),
+                          np.array([e["bbox"] for e in entries], dtype=np.float64),
+                          np.array([e["score"] for e in entries], dtype=np.float64),
+                          np.array([e["category_id"] for e in entries], dtype=np.int64))
+
+
+def _gt_box_prompts(coco: COCO) -> _Prompts:
+    anns = [a for a in coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+    return _group_prompts(np.array([a["image_id"] for a in anns], dtype=np.int64),
+                          np.array([a["bbox"] for a in anns], dtype=np.float64),
+                          np.ones(len(anns)), np.array([a["category_id"] for a in anns], dtype=np.int64))
+
+
+def _select_image_ids(coco: COCO, image_ids: Sequence[int] | None, annotations_file: Path) -> list[int]:
+    if image_ids is None:
+        return sorted(coco.imgs)
+    chosen = list(dict.fromkeys(int(i) for i in image_ids))
+    unknown = [i for i in chosen if i not in coco.imgs]
+    if unknown:
+        raise DatasetError(f"image_ids {unknown[:5]} ({len(unknown)} in all) are not in {annotations_file}")
+    return chosen
+
+
+def _check_image_files(images_dir: Path, coco: COCO, image_ids: list[int]) -> None:
+    missing = [images_dir / coco.imgs[i]["file_name"] for i in image_ids
+               if not (images_dir / coco.imgs[i]["file_name"]).is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(image_ids)} image file(s) missing, first: {missing[0]} "
+                           "(set data.images to the folder holding the annotated images)")
+
+
+class CocoBoxPrompts:
+    """A COCO-format image set whose samples carry box prompts from a detector file or the GT boxes.
+
+    Indexing gives `ImageSample`s in `image_ids` order; `.coco` is the ground truth for COCOeval.
+    """
+
+    def __init__(self, images_dir: str | Path, annotations_file: str | Path, prompts_file: str | Path | None,
+                 prompt_source: str = "detector", image_ids: Sequence[int] | None = None) -> None:
+        if prompt_source not in PROMPT_SOURCES:
+            raise DatasetError(f"prompt_source must be one of {PROMPT_SOURCES}, got '{prompt_source}'")
+        if prompt_source == "detector" and prompts_file is None:
+            raise DatasetError("prompt_source 'detector' needs a prompts file (set data.prompts to a "
+                               "detection-results JSON, or use prompt_source 'gt_boxes')")
+        self.images_dir, self.annotations_file = Path(images_dir), Path(annotations_file)
+        self.prompt_source = prompt_source
+        self.coco = _load_coco(self.annotations_file)
+        self._image_ids = _select_image_ids(self.coco, image_ids, self.annotations_file)
+        if not self._image_ids:
+            raise DatasetError(f"no images selected from {self.annotations_file}; the set would be empty")
+        if prompt_source == "detector":
+            self._prompts = _detector_prompts(Path(prompts_file), self.coco)
+        else:
+            if prompts_file is not None:
+                logger.info("prompt_source 'gt_boxes': ignoring prompts file %s", prompts_file)
+            self._prompts = _gt_box_prompts(self.coco)
+        _check_image_files(self.images_dir, self.coco, self._image_ids)
+        logger.info("loaded %d images (%s prompts) from %s", len(self), prompt_source, self.annotations_file)
+
+    @property
+    def image_ids(self) -> list[int]:
+        """The image ids of this set, in sample order."""
+        return list(self._image_ids)
+
+    @property
+    def num_prompts(self) -> int:
+        """Total number of prompt boxes over this set's images."""
+        return sum(self._span(i)[1] - self._span(i)[0] for i in self._image_ids)
+
+    def __len__(self) -> int:
+        return len(self._image_ids)
+
+    def __getitem__(self, index: int) -> ImageSample:
+        return self.get(self._image_ids[index])
+
+    def __iter__(self) -> Iterator[ImageSample]:
+        return (self.get(i) for i in self._image_ids)
+
+    def subset(self, n: int, seed: int) -> CocoBoxPrompts:
+        """A set of `n` image ids drawn without replacement (deterministic in `seed`), sorted by id."""
+        if not 1 <= n <= len(self):
+            raise DatasetError(f"subset size must be in [1, {len(self)}] (the set's size), got {n}")
+        chosen = np.random.default_rng(seed).choice(np.array(self._image_ids), size=n, replace=False)
+        other = copy.copy(self)  # shares the read-only COCO index and prompts
+        other._image_ids = sorted(int(i) for i in chosen)
+        return other
+
+    def image_size(self, image_id: int) -> tuple[int, int]:
+        """(H, W) of an image, as the annotations give it."""
+        info = self.coco.imgs[image_id]
+        return int(info["height"]), int(info["width"])
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        """The image as (H, W, 3) uint8 RGB (grayscale, palette and RGBA are converted)."""
+        path = self.images_dir / self.coco.imgs[image_id]["file_name"]
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        height, width = self.image_size(image_id)
+        if pixels.shape[:2] != (height, width):
+            raise DatasetError(f"image {path} is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but the annotations "
+                               f"say {width}x{height}; fix the image file or its 'images' entry")
+        return pixels
+
+    def prompts(self, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The image's prompts: boxes (N, 4) float32 xyxy, scores (N,) float32, category ids (N,) int64."""
+        start, stop = self._span(image_id)
+        p = self._prompts
+        return p.boxes[start:stop].copy(), p.scores[start:stop].copy(), p.category_ids[start:stop].copy()
+
+    def ground_truth(self, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Non-crowd GT: boxes (M, 4) float32 xyxy, masks (M, H, W) bool (decoded now), category ids (M,)."""
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        if anns:  # like COCO.annToMask, but one decode call for all instances
+            masks = mask_utils.decode([self.coco.annToRLE(a) for a in anns]).transpose(2, 0, 1).astype(bool)
+        else:
+            masks = np.zeros((0, *self.image_size(image_id)), dtype=bool)
+        return boxes, masks, np.array([a["category_id"] for a in anns], dtype=np.int64)
+
+    def get(self, image_id: int) -> ImageSample:
+        """The full sample of one image id (reads the image and decodes its GT masks)."""
+        boxes, scores, category_ids = self.prompts(image_id)
+        gt_boxes, gt_masks, gt_category_ids = self.ground_truth(image_id)
+        return ImageSample(image_id, self.load_image(image_id), boxes, scores, category_ids,
+                           gt_boxes, gt_masks, gt_category_ids)
+
+    def _span(self, image_id: int) -> tuple[int, int]:
+        return self._prompts.spans.get(image_id, (0, 0))
+
+    def __repr__(self) -> str:
+        return (f"CocoBoxPrompts({len(self)} images, {self.num_prompts} {self.prompt_source} prompts, "
+                f"annotations={self.annotations_file})")

@@ -1,0 +1,240 @@
+"""A deterministic synthetic COCO-format instance-segmentation dataset (the testbed's data).
+
+Each image has a textured background and 1-6 textured shape instances drawn in depth order, so
+later shapes occlude earlier ones; each instance's mask is its *visible* region. A split is written
+as PNG images plus `instances_<split>.json` (RLE masks), and, for the calibration and validation
+splits, a detector-style prompts file `prompts_<split>.json` in COCO detection-results format
+(`image_id, category_id, bbox, score`) with jittered boxes, a few misses and false positives.
+
+Everything is a pure function of `(seed, split)`: the same arguments give the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES = ("disc", "square", "triangle", "ellipse", "ring", "cross")
+SPLITS = ("train", "calib", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """What to generate. Sizes are in pixels; counts per split."""
+
+    seed: int = 0
+    num_images: tuple[tuple[str, int], ...] = (("train", 4000), ("calib", 64), ("val", 250))
+    min_side: int = 96
+    max_side: int = 160
+    max_instances: int = 6
+    min_visible_fraction: float = 0.35
+    min_area: int = 60
+    miss_rate: float = 0.08
+    false_positive_rate: float = 0.4
+    box_jitter: float = 0.06
+
+    def count(self, split: str) -> int:
+        return dict(self.num_images)[split]
+
+
+@dataclasses.dataclass
+class Instance:
+    """One drawn instance: its category index and visible boolean mask (H, W)."""
+
+    category: int
+    mask: np.ndarray
+
+
+def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """An independent generator per (seed, split, image index), stable across numpy versions."""
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1] of shape (h, w): a coarse random grid, bilinearly upsampled."""
+    coarse = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    img = Image.fromarray(coarse, mode="F").resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A colour texture (h, w, 3) in [0, 255]: base colour modulated by stripes or blotches."""
+    base = rng.uniform(30, 225, size=3).astype(np.float32)
+    second = rng.uniform(30, 225, size=3).astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    kind = rng.integers(3)
+    if kind == 0:  # stripes at a random angle and period
+        angle, period = rng.uniform(0, np.pi), rng.uniform(4, 14)
+        t = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
+    elif kind == 1:  # blotches
+        t = _smooth_noise(rng, h, w, int(rng.integers(3, 8)))
+    else:  # nearly flat with fine grain
+        t = 0.15 * rng.random((h, w)).astype(np.float32)
+    img = base[None, None] * (1 - t[..., None]) + second[None, None] * t[..., None]
+    return img + rng.normal(0, 6, size=(h, w, 3)).astype(np.float32)
+
+
+def _shape_mask(rng: np.random.Generator, category: int, h: int, w: int) -> np.ndarray:
+    """A boolean (h, w) mask of one shape of `category` at a random pose and size."""
+    size = rng.uniform(0.12, 0.32) * min(h, w)
+    cy, cx = rng.uniform(0.1 * h, 0.9 * h), rng.uniform(0.1 * w, 0.9 * w)
+    theta = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
+    v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
+    name = CATEGORIES[category]
+    if name == "disc":
+        return u**2 + v**2 <= size**2
+    if name == "square":
+        return (np.abs(u) <= size * 0.85) & (np.abs(v) <= size * 0.85)
+    if name == "ellipse":
+        return (u / size) ** 2 + (v / (0.45 * size)) ** 2 <= 1
+    if name == "ring":
+        r2 = u**2 + v**2
+        return (r2 <= size**2) & (r2 >= (0.55 * size) ** 2)
+    if name == "cross":
+        arm = 0.3 * size
+        return ((np.abs(u) <= size) & (np.abs(v) <= arm)) | ((np.abs(v) <= size) & (np.abs(u) <= arm))
+    # triangle: three half-planes of an equilateral triangle
+    inside = np.ones((h, w), dtype=bool)
+    for k in range(3):
+        a = 2 * np.pi * k / 3
+        inside &= u * np.cos(a) + v * np.sin(a) <= 0.6 * size
+    return inside
+
+
+def render_image(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.ndarray, list[Instance]]:
+    """Render one image (H, W, 3) uint8 and its annotated instances (at least one).
+
+    Shapes are painted back to front; each keeps the part that later shapes leave visible.
+    Shapes left mostly hidden (visible share below `min_visible_fraction`, or under `min_area`
+    pixels) stay in the image as unlabelled clutter.
+    """
+    h, w = (int(x) for x in rng.integers(spec.min_side, spec.max_side + 1, size=2))
+    canvas = _texture(rng, h, w) * (0.7 + 0.6 * _smooth_noise(rng, h, w, 2)[..., None])
+    drawn: list[tuple[int, int, np.ndarray]] = []  # (category, drawn area, visible mask)
+    for _ in range(int(rng.integers(1, spec.max_instances + 1))):
+        category = int(rng.integers(len(CATEGORIES)))
+        full = _shape_mask(rng, category, h, w)
+        if full.sum() < spec.min_area:
+            continue
+        canvas[full] = _texture(rng, h, w)[full]
+        drawn = [(c, a, m & ~full) for c, a, m in drawn] + [(category, int(full.sum()), full)]
+    if not drawn:  # guarantee one instance: a disc in the centre
+        full = _centre_disc(h, w)
+        canvas[full] = _texture(rng, h, w)[full]
+        drawn = [(0, int(full.sum()), full)]
+    instances = [Instance(c, m) for c, a, m in drawn
+                 if m.sum() >= spec.min_area and m.sum() >= spec.min_visible_fraction * a]
+    return np.clip(canvas, 0, 255).astype(np.uint8), instances
+
+
+def _centre_disc(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return (yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (0.2 * min(h, w)) ** 2
+
+
+def bbox_xywh(mask: np.ndarray) -> list[float]:
+    """Tight COCO box [x, y, w, h] of a boolean (H, W) mask."""
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """COCO RLE of a boolean (H, W) mask, with `counts` as str (JSON-serialisable)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def _box_iou_xywh(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def jitter_box(rng: np.random.Generator, box: list[float], rel: float, h: int, w: int) -> list[float]:
+    """Move each edge of an [x, y, w, h] box by N(0, rel * side) pixels, kept inside the image."""
+    x0, y0, bw, bh = box
+    dx0, dx1 = rng.normal(0, rel * bw, size=2)
+    dy0, dy1 = rng.normal(0, rel * bh, size=2)
+    nx0, ny0 = np.clip(x0 + dx0, 0, w - 2), np.clip(y0 + dy0, 0, h - 2)
+    nx1, ny1 = np.clip(x0 + bw + dx1, nx0 + 2, w), np.clip(y0 + bh + dy1, ny0 + 2, h)
+    return [round(float(nx0), 2), round(float(ny0), 2), round(float(nx1 - nx0), 2), round(float(ny1 - ny0), 2)]
+
+
+def detector_prompts(rng: np.random.Generator, image_id: int, gt: list[dict], h: int, w: int,
+                     spec: SyntheticSpec) -> list[dict]:
+    """Simulated detector output for one image: jittered true boxes (score tracks box quality,
+    category right 95% of the time), `miss_rate` misses, Poisson(`false_positive_rate`) false alarms."""
+    dets = []
+    for ann in gt:
+        if rng.random() < spec.miss_rate:
+            continue
+        box = jitter_box(rng, ann["bbox"], spec.box_jitter, h, w)
+        score = float(np.clip(0.25 + 0.7 * _box_iou_xywh(box, ann["bbox"]) + rng.normal(0, 0.08), 0.05, 0.99))
+        cat = ann["category_id"] if rng.random() < 0.95 else int(rng.integers(1, len(CATEGORIES) + 1))
+        dets.append({"image_id": image_id, "category_id": int(cat), "bbox": box, "score": round(score, 4)})
+    for _ in range(int(rng.poisson(spec.false_positive_rate))):
+        bw, bh = rng.uniform(0.1, 0.4, size=2) * np.array([w, h])
+        x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        dets.append({"image_id": image_id, "category_id": int(rng.integers(1, len(CATEGORIES) + 1)),
+                     "bbox": [round(float(v), 2) for v in (x0, y0, bw, bh)],
+                     "score": round(float(rng.uniform(0.05, 0.5)), 4)})
+    return dets
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
+def generate_split(spec: SyntheticSpec, split: str, root: str | Path) -> dict[str, Path]:
+    """Write `root/images/<split>/*.png`, `root/instances_<split>.json` and, except for the train
+    split, `root/prompts_<split>.json`. Returns the written paths by kind."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    root = Path(root)
+    image_dir = root / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations, prompts = [], [], []
+    for index in range(spec.count(split)):
+        rng = split_rng(spec.seed, split, index)
+        image_id = index + 1
+        pixels, instances = render_image(rng, spec)
+        h, w = pixels.shape[:2]
+        file_name = f"{split}_{image_id:06d}.png"
+        Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
+        images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+        gt = [{"id": len(annotations) + k + 1, "image_id": image_id, "category_id": inst.category + 1,
+               "segmentation": encode_rle(inst.mask), "area": float(inst.mask.sum()),
+               "bbox": bbox_xywh(inst.mask), "iscrowd": 0} for k, inst in enumerate(instances)]
+        annotations.extend(gt)
+        prompts.extend(detector_prompts(rng, image_id, gt, h, w, spec))
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)]
+    paths = {"images": image_dir, "annotations": root / f"instances_{split}.json"}
+    _write_json(paths["annotations"], {"images": images, "annotations": annotations, "categories": categories,
+                                       "info": {"description": "carsam synthetic", "seed": spec.seed}})
+    if split != "train":
+        paths["prompts"] = root / f"prompts_{split}.json"
+        _write_json(paths["prompts"], prompts)
+    logger.info("wrote %s split: %d images, %d instances", split, len(images), len(annotations))
+    return paths
+
+
+def generate_dataset(spec: SyntheticSpec, root: str | Path, splits: tuple[str, ...] = SPLITS) -> None:
+    """Generate every split in `splits` under `root`."""
+    for split in splits:
+        generate_split(spec, split, root)

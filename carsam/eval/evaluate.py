@@ -1,0 +1,123 @@
+"""Evaluate a (possibly quantized) SAM on a box-prompted COCO-format set: segm mAP, mAP50, mIoU.
+
+- mAP / mAP50: each prompt box gives one mask (`multimask_output=False`, logits > 0) scored
+  prompt score x SAM's predicted IoU, with the prompt's category; COCOeval over the evaluated images.
+- mIoU: each non-crowd GT instance is decoded from its own GT box; the mean over all GT instances of
+  IoU(predicted mask, GT mask). It isolates mask quality from the detector.
+All values are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from segment_anything.modeling import Sam
+from tqdm import tqdm
+
+from carsam.data.coco import CocoBoxPrompts
+from carsam.eval.coco_eval import mask_iou, masks_to_results, segm_map
+from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
+
+logger = logging.getLogger(__name__)
+
+EmbedFn = Callable[[int, np.ndarray], ImageEmbedding]
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Metrics (`eval/mAP`, `eval/mAP50`, `eval/mIoU`, fractions in [0, 1]) and what they cover."""
+
+    metrics: dict[str, float]
+    num_images: int
+    num_prompts: int
+    num_gt: int
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Accumulates COCO results and per-GT IoUs over images."""
+
+    results: list[dict] = dataclasses.field(default_factory=list)
+    ious: list[float] = dataclasses.field(default_factory=list)
+    image_ids: list[int] = dataclasses.field(default_factory=list)
+    num_prompts: int = 0
+
+    def add(self, image_id: int, masks: np.ndarray, scores: np.ndarray, category_ids: np.ndarray,
+            gt_preds: np.ndarray, gt_masks: np.ndarray) -> None:
+        """Record one image: prompt masks (N, H, W) with scores/categories (N,), GT-box masks (M, H, W)."""
+        self.image_ids.append(image_id)
+        self.num_prompts += len(masks)
+        self.results.extend(masks_to_results(image_id, masks, scores, category_ids))
+        self.ious.extend(mask_iou(p, g) for p, g in zip(gt_preds, gt_masks))
+
+    def finish(self, dataset: CocoBoxPrompts) -> EvalResult:
+        segm = segm_map(dataset.coco, self.results, self.image_ids)
+        miou = float(np.mean(self.ious)) if self.ious else 0.0
+        metrics = {"eval/mAP": segm["mAP"], "eval/mAP50": segm["mAP50"], "eval/mIoU": miou}
+        logger.info("evaluated %d images, %d prompts, %d GT: %s", len(self.image_ids), self.num_prompts,
+                    len(self.ious), {k: round(v, 4) for k, v in metrics.items()})
+        return EvalResult(metrics, len(self.image_ids), self.num_prompts, len(self.ious))
+
+
+def _chosen_ids(dataset: CocoBoxPrompts, max_images: int | None, progress: bool, desc: str) -> Iterable[int]:
+    """The first `max_images` image ids of the set (all if None), wrapped in a tqdm bar if asked."""
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    ids = dataset.image_ids[:max_images]
+    return tqdm(ids, desc=desc, unit="img", disable=not progress)
+
+
+def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None, progress: bool = False,
+             embed_fn: EmbedFn | None = None, max_boxes_per_batch: int = 64) -> EvalResult:
+    """Run `sam` on the set's prompts (mAP) and GT boxes (mIoU): one encoder pass per image.
+
+    `embed_fn(image_id, image)` may serve cached encoder outputs; default: encode with `sam`.
+    `max_images` evaluates the first images of the set only (mAP then covers just those).
+    """
+    predictor = SamBoxPredictor(sam, max_boxes_per_batch)
+    embed = embed_fn or (lambda _image_id, image: predictor.embed(image))
+    tally = _Tally()
+    for image_id in _chosen_ids(dataset, max_images, progress, "eval"):
+        sample = dataset.get(image_id)
+        embedding = embed(image_id, sample.image)
+        masks, pred_iou = predictor.predict(embedding, sample.boxes)
+        if np.array_equal(sample.boxes, sample.gt_boxes):  # GT-box prompts: decode once
+            gt_preds = masks
+        else:
+            gt_preds, _ = predictor.predict(embedding, sample.gt_boxes)
+        tally.add(image_id, masks, sample.scores * pred_iou, sample.category_ids, gt_preds, sample.gt_masks)
+    return tally.finish(dataset)
+
+
+def boxes_to_masks(boxes_xyxy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Fill each box (N, 4) xyxy as a mask (N, H, W) bool: the pixels whose centres lie inside it.
+
+    Pixel (r, c) covers [c, c+1) x [r, r+1), so an integer box [x0, y0, x1, y1] fills columns
+    x0..x1-1 and rows y0..y1-1 exactly.
+    """
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    lo = np.ceil(boxes[:, :2] - 0.5).astype(np.int64)  # first (x, y) inside
+    hi = np.ceil(boxes[:, 2:] - 0.5).astype(np.int64)  # one past the last (x, y) inside
+    cols, rows = np.arange(width), np.arange(height)
+    in_x = (cols[None] >= lo[:, :1]) & (cols[None] < hi[:, :1])  # (N, W)
+    in_y = (rows[None] >= lo[:, 1:]) & (rows[None] < hi[:, 1:])  # (N, H)
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def box_as_mask_floor(dataset: CocoBoxPrompts, *, max_images: int | None = None,
+                      progress: bool = False) -> EvalResult:
+    """The metrics of a model that returns its box prompt, filled, as the mask (score = prompt score).
+
+    This is what a collapsed model scores; no image is read, only prompts and GT masks.
+    """
+    tally = _Tally()
+    for image_id in _chosen_ids(dataset, max_images, progress, "box floor"):
+        height, width = dataset.image_size(image_id)
+        boxes, scores, category_ids = dataset.prompts(image_id)
+        gt_boxes, gt_masks, _ = dataset.ground_truth(image_id)
+        tally.add(image_id, boxes_to_masks(boxes, height, width), scores, category_ids,
+                  boxes_to_masks(gt_boxes, height, width), gt_masks)
+    return tally.finish(dataset)

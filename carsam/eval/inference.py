@@ -1,0 +1,89 @@
+"""Box-prompted SAM inference: one encoder pass per image, then batched box decoding.
+
+This mirrors the math of `segment_anything.SamPredictor` for the protocol's case (box prompts,
+`multimask_output=False`, mask = upsampled logits > `sam.mask_threshold`) but keeps the image
+embedding as a value (`ImageEmbedding`) rather than predictor state, so that callers can cache it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ImageEmbedding:
+    """The encoder output of one image and the sizes needed to map masks back to it.
+
+    features: (1, C, g, g) tensor (C = 256, g = img_size / patch_size). input_size: (h, w) of the
+    resized image before padding (long side = the encoder's img_size). original_size: (H, W).
+    Tensors made by `SamBoxPredictor.embed` are inference tensors: `.clone()` them before autograd use.
+    """
+
+    features: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+class SamBoxPredictor:
+    """Predict one mask and one IoU score per box prompt with a (possibly quantized) SAM."""
+
+    def __init__(self, sam: Sam, max_boxes_per_batch: int = 64) -> None:
+        if max_boxes_per_batch < 1:
+            raise ValueError(f"max_boxes_per_batch must be >= 1, got {max_boxes_per_batch}")
+        self.sam = sam
+        self.max_boxes_per_batch = max_boxes_per_batch
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> ImageEmbedding:
+        """Encode an (H, W, 3) uint8 RGB image: resize the long side, normalise, pad, run the encoder."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        resized = self.transform.apply_image(image)  # (h, w, 3) uint8
+        pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        features = self.sam.image_encoder(self.sam.preprocess(pixels.float()))
+        return ImageEmbedding(features, (resized.shape[0], resized.shape[1]), (image.shape[0], image.shape[1]))
+
+    @torch.inference_mode()
+    def predict(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masks (N, H, W) bool and predicted IoUs (N,) float32 for N boxes (N, 4) xyxy in original pixels.
+
+        Boxes are decoded in chunks of `max_boxes_per_batch`; N = 0 gives (0, H, W) and (0,).
+        """
+        boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+        height, width = embedding.original_size
+        if len(boxes) == 0:
+            return np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32)
+        scaled = self.transform.apply_boxes(boxes, embedding.original_size)
+        boxes_t = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
+        dtype = next(self.sam.mask_decoder.parameters()).dtype
+        features = embedding.features.to(device=self.device, dtype=dtype)
+        chunks = [self._decode(features, embedding, part) for part in boxes_t.split(self.max_boxes_per_batch)]
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+    def _decode(self, features: torch.Tensor, embedding: ImageEmbedding,
+                boxes: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Decode (B, 4) boxes already in the resized frame: masks (B, H, W) bool, IoUs (B,) float32."""
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=features,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        logits = self.sam.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
+        masks = logits[:, 0] > self.sam.mask_threshold
+        return masks.cpu().numpy(), iou[:, 0].float().cpu().numpy()
