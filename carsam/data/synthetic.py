@@ -196,9 +196,7 @@ def detector_prompts(rng: np.random.Generator, image_id: int, gt: list[dict], h:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
+    _write_text_atomic(path, json.dumps(obj))
 
 
 def generate_split(spec: SyntheticSpec, split: str, root: str | Path) -> dict[str, Path]:
@@ -238,3 +236,31 @@ def generate_dataset(spec: SyntheticSpec, root: str | Path, splits: tuple[str, .
     """Generate every split in `splits` under `root`."""
     for split in splits:
         generate_split(spec, split, root)
+
+
+def ensure_dataset(spec: SyntheticSpec, root: str | Path, splits: tuple[str, ...] = ("calib", "val")) -> Path:
+    """Generate the missing `splits` of `spec` under `root` once; later calls reuse them.
+
+    A split counts as present when its marker file records the same spec. A lock file makes
+    concurrent callers (sweep workers) wait for one another instead of writing the same files twice.
+    """
+    import fcntl
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for split in splits:
+            marker = root / f".complete-{split}.json"
+            if marker.is_file() and marker.read_text() == wanted:
+                continue
+            generate_split(spec, split, root)
+            _write_text_atomic(marker, wanted)
+    return root
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

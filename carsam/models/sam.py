@@ -9,8 +9,6 @@ decomposed relative positions) whose neck outputs 256 channels.
 from __future__ import annotations
 
 import dataclasses
-import pickle
-import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -106,7 +104,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path} (set model.checkpoint to an existing .pth file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as err:
+    except Exception as err:  # torch.load raises many types on bad bytes (UnpicklingError, IndexError, ...)
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({err.__class__.__name__}); "
                               "re-download or re-save it") from err
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -144,3 +142,17 @@ def build_testbed_from_checkpoint(checkpoint: str | Path, spec: TestbedSpec = Te
     """Build the testbed SAM and load its (fp16-stored) checkpoint, upcast to fp32."""
     state = load_state_dict(checkpoint)
     return apply_state_dict(build_testbed_sam(spec), state, "testbed", checkpoint)
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TESTBED_CHECKPOINT = ASSETS / "testbed_sam.pth"
+TESTBED_CARD = ASSETS / "testbed.json"
+
+
+def build_model(model_type: str, checkpoint: str | Path | None = None) -> Sam:
+    """The FP SAM to quantize: the testbed (shipped checkpoint unless `checkpoint`) or vit_b/l/h."""
+    if model_type == "testbed":
+        return build_testbed_from_checkpoint(checkpoint or TESTBED_CHECKPOINT)
+    if not checkpoint:
+        raise CheckpointError(f"model.checkpoint is required for model.type={model_type}")
+    return build_real_sam(model_type, checkpoint)

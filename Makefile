@@ -1,0 +1,44 @@
+# carsam — `make help` lists the targets. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.carsam-installed
+TRIALS ?= 9
+export PYTHONHASHSEED := 0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-fast sweep report testbed data clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+setup: $(STAMP) ## create .venv and install carsam with pinned dependencies (skipped when up to date)
+
+test: $(STAMP) ## run the test suite (CPU only, no network)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP) ## the test suite without tests marked slow
+	$(BIN)/pytest -q -m "not slow"
+
+sweep: $(STAMP) ## Optuna sweep of RTN bit-widths on the testbed (resumable; TRIALS=9)
+	$(BIN)/carsam sweep sweeps/rtn_bits.py --trials $(TRIALS)
+
+report: $(STAMP) ## table of every run record under runs/
+	$(BIN)/carsam report
+
+data: $(STAMP) ## generate the synthetic testbed dataset (seed 0) under data/
+	$(BIN)/carsam testbed data
+
+testbed: $(STAMP) ## regenerate the data and retrain the testbed SAM (about an hour on 2 cores)
+	$(BIN)/carsam testbed build
+
+clean: ## remove runs/, data/ and build/ (keeps .venv)
+	rm -rf runs data build

@@ -1,0 +1,222 @@
+"""Run configuration: frozen dataclasses, YAML experiments and `key=value` overrides.
+
+Resolution order: the dataclass defaults <- an experiment YAML (listing only what it changes)
+<- command-line overrides (`quant.w_bits=6 data.max_val_images=50`). Unknown keys raise, and so
+do values whose type differs from the field's (an int is accepted where a float is expected).
+Values of overrides are parsed as YAML scalars (`true`, `4`, `0.5`, `[4, 8]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from carsam.methods.registry import method_names
+from carsam.models.quantize import QuantConfig
+
+T = TypeVar("T")
+
+MODEL_TYPES = ("testbed", "vit_b", "vit_l", "vit_h")
+PROMPT_SOURCES = ("detector", "gt_boxes")
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message names the key and what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which SAM to quantize. `checkpoint` empty with `type: testbed` means the shipped testbed."""
+
+    type: str = "testbed"
+    checkpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type not in MODEL_TYPES:
+            raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got '{self.type}'")
+        if self.type != "testbed" and not self.checkpoint:
+            raise ConfigError(f"model.checkpoint is required for model.type={self.type} (path to the SAM .pth)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Evaluation and calibration data.
+
+    Testbed (`images` empty): the synthetic dataset of seed `synthetic_seed`, generated under
+    `synthetic_root` on first use. Real path: `images`, `annotations`, `prompts` (detector boxes in
+    COCO results format) for evaluation and `calib_images`, `calib_annotations` for calibration
+    (prompted by their GT boxes unless `calib_prompts` is given).
+    """
+
+    synthetic_seed: int = 0
+    synthetic_root: str = "data"
+    images: str = ""
+    annotations: str = ""
+    prompts: str = ""
+    calib_images: str = ""
+    calib_annotations: str = ""
+    calib_prompts: str = ""
+    prompt_source: str = "detector"
+    calib_size: int = 32
+    max_val_images: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_source not in PROMPT_SOURCES:
+            raise ConfigError(f"data.prompt_source must be one of {PROMPT_SOURCES}, got '{self.prompt_source}'")
+        if self.calib_size < 1:
+            raise ConfigError(f"data.calib_size must be >= 1, got {self.calib_size}")
+        if self.max_val_images < 0:
+            raise ConfigError(f"data.max_val_images must be >= 0 (0 = all), got {self.max_val_images}")
+        if self.images and not (self.annotations and self.calib_images and self.calib_annotations):
+            raise ConfigError("the real-data path needs data.images, data.annotations, data.calib_images and "
+                              "data.calib_annotations (and data.prompts for detector prompts)")
+
+    @property
+    def is_synthetic(self) -> bool:
+        return not self.images
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one `carsam run` needs; written resolved into the run folder."""
+
+    name: str = ""
+    method: str = "rtn"
+    seed: int = 0
+    device: str = "cpu"
+    runs_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    quant: QuantConfig = QuantConfig()
+
+    def __post_init__(self) -> None:
+        if self.method not in method_names():
+            raise ConfigError(f"method must be one of {method_names()}, got '{self.method}'")
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Return `value` converted to `hint` (lists -> tuples, ints -> floats) or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key} must have {len(args)} items, got {len(value)}")
+        return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} has the wrong type: {value!r} is not {hint}")
+    return _check_scalar(value, origin or hint, key)
+
+
+def _check_scalar(value: Any, hint: Any, key: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a (nested) dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys under "
+                          f"'{prefix or '<top>'}': {', '.join(sorted(names))}")
+    values = {k: _check_type(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists) of a config dataclass, ready for YAML/JSON."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value (e.g. quant.w_bits=6)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from err
+    return key.split("."), value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override key '{'.'.join(path)}': '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_experiment(path: str | Path) -> dict[str, Any]:
+    """Read an experiment YAML into a dict (empty file -> {}), with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"experiment file {path} must hold a mapping of config keys")
+    return data
+
+
+def resolve(experiment: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Defaults <- experiment YAML <- overrides, validated into a frozen RunConfig."""
+    data = load_experiment(experiment) if experiment else {}
+    if experiment and not data.get("name"):
+        data["name"] = Path(experiment).stem
+    for text in overrides:
+        _merge(data, *parse_override(text))
+    return from_dict(RunConfig, data)
+
+
+def dump_yaml(config: Any) -> str:
+    """The resolved config as YAML text (keys in field order)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

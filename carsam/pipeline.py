@@ -1,0 +1,175 @@
+"""One run: resolve -> build model and data -> apply the method -> evaluate -> write the record.
+
+The run folder is created and its `config.yaml` and a `running` record are written before any
+heavy work, so a run that fails later still leaves a record saying how it failed; records of other
+runs are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import logging
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from carsam.config import DataConfig, ModelConfig, RunConfig, dump_yaml, to_dict
+from carsam.data.coco import CocoBoxPrompts
+from carsam.data.synthetic import SyntheticSpec, ensure_dataset
+from carsam.eval.evaluate import box_as_mask_floor, evaluate
+from carsam.methods.registry import get_method
+from carsam.models.sam import TESTBED_CHECKPOINT, build_model
+from carsam.quant.quantizers import QuantMode, assert_quant_mode
+from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_atomic, write_record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DataSets:
+    """The evaluation set (prompts per `data.prompt_source`) and the calibration subset."""
+
+    val: CocoBoxPrompts
+    calib: CocoBoxPrompts
+
+
+def synthetic_root(data: DataConfig) -> Path:
+    """Folder of the testbed's synthetic dataset of seed `data.synthetic_seed`."""
+    return Path(data.synthetic_root) / f"testbed-seed{data.synthetic_seed}"
+
+
+def load_datasets(data: DataConfig, seed: int) -> DataSets:
+    """Build (and, for the testbed, generate once) the evaluation and calibration sets."""
+    if data.is_synthetic:
+        root = ensure_dataset(SyntheticSpec(seed=data.synthetic_seed), synthetic_root(data))
+        val_paths = (root / "images" / "val", root / "instances_val.json", root / "prompts_val.json")
+        calib_paths = (root / "images" / "calib", root / "instances_calib.json", None)
+    else:
+        val_paths = (Path(data.images), Path(data.annotations), Path(data.prompts) if data.prompts else None)
+        calib_paths = (Path(data.calib_images), Path(data.calib_annotations),
+                       Path(data.calib_prompts) if data.calib_prompts else None)
+    val = CocoBoxPrompts(*val_paths, prompt_source=data.prompt_source)
+    if 0 < data.max_val_images < len(val):
+        val = val.subset(data.max_val_images, seed=0)  # the same images whatever the run's seed
+    calib_source = "detector" if calib_paths[2] else "gt_boxes"
+    calib = CocoBoxPrompts(*calib_paths, prompt_source=calib_source).subset(data.calib_size, seed)
+    return DataSets(val, calib)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_description(model: ModelConfig) -> dict[str, Any]:
+    """What the record says about the model: type, checkpoint path and its SHA-256."""
+    checkpoint = Path(model.checkpoint) if model.checkpoint else TESTBED_CHECKPOINT
+    sha = file_sha256(checkpoint) if checkpoint.is_file() else "missing"
+    return {"type": model.type, "checkpoint": str(checkpoint), "sha256": sha}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`, `cuda[:i]`, or `auto` (CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+    return device
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(time.perf_counter() - start, 3)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (and of the CUDA allocator when on a GPU), in MiB."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_rss_mb": round(rss_kib / 1024, 1)}
+    if device.type == "cuda":
+        peak["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def _new_record(config: RunConfig, run_id: str) -> RunRecord:
+    return RunRecord(
+        run_id=run_id, name=config.name or config.method, method=config.method,
+        model=model_description(config.model), w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
+        prompts=config.data.prompt_source, seed=config.seed, config=to_dict(config),
+        versions=library_versions(), git_commit=git_commit(),
+        started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy (the pipeline owns process-wide state; the library never seeds)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _execute(config: RunConfig, record: RunRecord, progress: bool) -> None:
+    """Build, quantize, evaluate; fills `record` in place."""
+    method = get_method(config.method)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    with _timed(record.timings, "build"):
+        sam = build_model(config.model.type, config.model.checkpoint or None).to(device) if method.uses_model else None
+        data = load_datasets(config.data, config.seed)
+    if sam is None:
+        with _timed(record.timings, "evaluate"):
+            result = box_as_mask_floor(data.val, progress=progress)
+    else:
+        with _timed(record.timings, "method"):
+            record.details.update(method.apply(sam, data.calib, config))
+        assert_quant_mode(sam, QuantMode.QUANTIZED if method.quantized else QuantMode.FP)
+        with _timed(record.timings, "evaluate"):
+            result = evaluate(sam, data.val, progress=progress)
+    record.metrics.update(result.metrics)
+    record.details.update(eval_images=result.num_images, eval_prompts=result.num_prompts, eval_gt=result.num_gt,
+                          calib_images=len(data.calib), **peak_memory_mb(device))
+
+
+def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | None = None) -> RunRecord:
+    """Execute one run and write `runs_dir/<run_id>/{config.yaml,record.json}`.
+
+    On failure the record is written with `status: failed` and the error, then the error is re-raised.
+    `extra` (e.g. a sweep's trial number) is stored under `record.details`.
+    """
+    run_id = new_run_id(config.name or config.method)
+    run_dir = Path(config.runs_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    write_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
+    record = _new_record(config, run_id)
+    record.details.update(extra or {}, command=" ".join(sys.argv))
+    write_record(run_dir, record)
+    start = time.perf_counter()
+    try:
+        _execute(config, record, progress)
+    except BaseException as err:
+        record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        raise
+    else:
+        record.status = "completed"
+    finally:
+        record.timings["total"] = round(time.perf_counter() - start, 3)
+        write_record(run_dir, record)
+        logger.info("run %s %s: %s", run_id, record.status, record.metrics)
+    return record

@@ -1,0 +1,109 @@
+"""Optuna sweeps: a search space is a small Python file; every trial is one run record.
+
+A space file defines
+- `EXPERIMENT`: the experiment YAML the trials start from (relative to the space file or absolute);
+- `suggest(trial) -> list[str]`: the `key=value` overrides of one trial;
+- optionally `GRID: dict[str, list]` (a full grid, sampled with Optuna's GridSampler) and
+  `DIRECTION` ("maximize", the default, applies to `eval/mAP`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import optuna
+
+from carsam import pipeline
+from carsam.config import resolve
+
+logger = logging.getLogger(__name__)
+OBJECTIVE = "eval/mAP"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A loaded space file."""
+
+    name: str
+    experiment: Path
+    module: ModuleType
+
+    def overrides(self, trial: optuna.Trial) -> list[str]:
+        return list(self.module.suggest(trial))
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        grid = getattr(self.module, "GRID", None)
+        return optuna.samplers.GridSampler(grid, seed=seed) if grid else optuna.samplers.TPESampler(seed=seed)
+
+    @property
+    def direction(self) -> str:
+        return getattr(self.module, "DIRECTION", "maximize")
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Import a space file and check it defines EXPERIMENT and suggest()."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"search space file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"carsam_space_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if not hasattr(module, "EXPERIMENT") or not callable(getattr(module, "suggest", None)):
+        raise ValueError(f"search space {path} must define EXPERIMENT and suggest(trial)")
+    experiment = Path(module.EXPERIMENT)
+    if not experiment.is_absolute() and not experiment.exists():
+        experiment = path.parent / experiment
+    return SearchSpace(path.stem, experiment, module)
+
+
+def make_objective(space: SearchSpace, study_name: str, runs_dir: str, extra_overrides: list[str]):
+    """The Optuna objective: resolve the trial's config, run it, return its mAP."""
+    def objective(trial: optuna.Trial) -> float:
+        overrides = space.overrides(trial) + [f"runs_dir={runs_dir}"] + extra_overrides
+        config = resolve(space.experiment, overrides)
+        config = dataclasses.replace(config, name=f"{study_name}-t{trial.number}")
+        trial.set_user_attr("overrides", overrides)
+        try:
+            record = pipeline.run(config, extra={"study": study_name, "trial": trial.number})
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            raise
+        trial.set_user_attr("run_id", record.run_id)
+        for key, value in record.metrics.items():
+            trial.set_user_attr(key, value)
+        return record.metrics[OBJECTIVE]
+    return objective
+
+
+def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None, study_name: str | None = None,
+              runs_dir: str = "runs", seed: int = 0, overrides: list[str] | None = None,
+              progress: bool = False) -> optuna.Study:
+    """Run `trials` trials of the space (resuming the study if it exists); failed trials are
+    recorded with their error and the sweep goes on."""
+    space = load_space(space_path)
+    study_name = study_name or space.name
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{Path(runs_dir) / 'optuna.db'}"
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                direction=space.direction, sampler=space.sampler(seed))
+    study.set_user_attr("experiment", str(space.experiment))
+    objective = make_objective(space, study_name, runs_dir, overrides or [])
+    study.optimize(objective, n_trials=trials, catch=(Exception,), show_progress_bar=progress)
+    return study
+
+
+def trials_table(study: optuna.Study) -> "Any":
+    """The study's trials as a pandas DataFrame: number, state, params, metrics, run id, error."""
+    import pandas as pd
+
+    rows = []
+    for t in study.trials:
+        row = {"trial": t.number, "state": t.state.name, **t.params}
+        row.update({k: v for k, v in t.user_attrs.items() if k.startswith("eval/") or k in ("run_id", "error")})
+        rows.append(row)
+    return pd.DataFrame(rows)

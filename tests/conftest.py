@@ -1,0 +1,47 @@
+"""Shared fixtures: a small synthetic COCO-format set and testbed checkpoints, built once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from carsam.data.synthetic import SyntheticSpec, generate_split
+from carsam.models.sam import build_testbed_sam
+from carsam.testbed import save_checkpoint
+
+SMALL_SPEC = SyntheticSpec(seed=7, num_images=(("train", 0), ("calib", 4), ("val", 6)))
+
+
+@pytest.fixture(scope="session")
+def small_coco(tmp_path_factory) -> dict[str, Path]:
+    """A 4-image calibration split and a 6-image validation split in COCO format (seed 7)."""
+    root = tmp_path_factory.mktemp("small_coco")
+    calib = generate_split(SMALL_SPEC, "calib", root)
+    val = generate_split(SMALL_SPEC, "val", root)
+    return {"root": root, "calib_images": calib["images"], "calib_annotations": calib["annotations"],
+            "images": val["images"], "annotations": val["annotations"], "prompts": val["prompts"]}
+
+
+@pytest.fixture(scope="session")
+def random_testbed_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised testbed SAM stored like the shipped one (fp16 state dict)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    sam = build_testbed_sam()
+    torch.random.set_rng_state(gen_state)
+    return save_checkpoint(sam, tmp_path_factory.mktemp("ckpt") / "random_testbed.pth")
+
+
+def real_data_overrides(paths: dict[str, Path], **replace: Path) -> list[str]:
+    """`data.*=...` overrides pointing the real-data path at `paths` (entries replaceable)."""
+    merged = {**paths, **replace}
+    keys = ("images", "annotations", "prompts", "calib_images", "calib_annotations")
+    return [f"data.{k}={merged[k]}" for k in keys]
+
+
+def write_json(path: Path, obj: object) -> Path:
+    path.write_text(json.dumps(obj))
+    return path

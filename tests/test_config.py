@@ -1,0 +1,98 @@
+"""The config resolves defaults <- YAML <- overrides, and rejects what it cannot honour."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from carsam.config import ConfigError, RunConfig, dump_yaml, from_dict, parse_override, resolve, to_dict
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_resolve_to_rtn_w4a4_on_testbed():
+    config = resolve()
+    assert (config.method, config.quant.w_bits, config.quant.a_bits, config.model.type) == ("rtn", 4, 4, "testbed")
+
+
+def test_overrides_win_over_experiment_file(tmp_path):
+    exp = _write(tmp_path, "method: rtn\nquant: {w_bits: 8, a_bits: 8}\n")
+    config = resolve(exp, ["quant.a_bits=6", "data.max_val_images=5"])
+    assert (config.quant.w_bits, config.quant.a_bits, config.data.max_val_images) == (8, 6, 5)
+    assert config.name == "exp"
+
+
+def test_unknown_key_raises_and_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="quant.w_bitz"):
+        resolve(_write(tmp_path, "quant: {w_bitz: 4}\n"))
+    with pytest.raises(ConfigError, match="mac"):
+        resolve(None, ["mac.strength=0.5"])
+
+
+@pytest.mark.parametrize("override", ["quant.w_bits=four", "quant.w_bits=4.5", "seed=true", "method=3"])
+def test_wrong_type_raises(override):
+    with pytest.raises(ConfigError):
+        resolve(None, [override])
+
+
+@pytest.mark.parametrize("bits", [1, 17, 0, -4])
+def test_bits_out_of_range_raise(bits):
+    with pytest.raises(ConfigError, match="2..16"):
+        resolve(None, [f"quant.a_bits={bits}"])
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ConfigError, match="rtn"):
+        resolve(None, ["method=magic"])
+
+
+def test_real_model_needs_checkpoint():
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        resolve(None, ["model.type=vit_b"])
+
+
+def test_real_data_path_needs_calibration_files():
+    with pytest.raises(ConfigError, match="calib_images"):
+        resolve(None, ["data.images=/x", "data.annotations=/y.json"])
+
+
+def test_int_is_accepted_for_float_and_lists_become_tuples():
+    @dataclasses.dataclass(frozen=True)
+    class Box:
+        alpha: float = 0.5
+        sizes: tuple[int, ...] = ()
+
+    box = from_dict(Box, {"alpha": 1, "sizes": [1, 2]})
+    assert box.alpha == 1.0 and isinstance(box.alpha, float) and box.sizes == (1, 2)
+
+
+def test_overrides_of_quant_layers_round_trip_through_yaml(tmp_path):
+    exp = _write(tmp_path, "quant:\n  overrides:\n    - ['mask_decoder.transformer.layers.0.*', {w_bits: 8}]\n")
+    config = resolve(exp)
+    assert config.quant.overrides == (("mask_decoder.transformer.layers.0.*", {"w_bits": 8}),)
+    again = resolve(_write(tmp_path, dump_yaml(config)))
+    assert to_dict(again) == to_dict(config)
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("a.b=0.25") == (["a", "b"], 0.25)
+    assert parse_override("flag=false") == (["flag"], False)
+    with pytest.raises(ConfigError):
+        parse_override("no_equals_sign")
+
+
+def test_missing_or_malformed_experiment_file_raises(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        resolve(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        resolve(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().seed = 3  # type: ignore[misc]
