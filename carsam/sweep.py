@@ -83,8 +83,9 @@ def make_objective(space: SearchSpace, study_name: str, runs_dir: str, extra_ove
 def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None, study_name: str | None = None,
               runs_dir: str = "runs", seed: int = 0, overrides: list[str] | None = None,
               progress: bool = False) -> optuna.Study:
-    """Run `trials` trials of the space (resuming the study if it exists); failed trials are
-    recorded with their error and the sweep goes on."""
+    """Bring the study to `trials` finished trials (a study that exists is resumed, so running the
+    same command again after an interruption only runs what is missing). Failed trials are recorded
+    with their error and the sweep goes on."""
     space = load_space(space_path)
     study_name = study_name or space.name
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,11 @@ def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None
                                 direction=space.direction, sampler=space.sampler(seed))
     study.set_user_attr("experiment", str(space.experiment))
     objective = make_objective(space, study_name, runs_dir, overrides or [])
-    study.optimize(objective, n_trials=trials, catch=(Exception,), show_progress_bar=progress)
+    finished = sum(1 for t in study.trials if t.state.is_finished())
+    remaining = max(0, trials - finished)
+    logger.info("study '%s': %d finished trials, running %d more", study_name, finished, remaining)
+    if remaining:
+        study.optimize(objective, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
     return study
 
 

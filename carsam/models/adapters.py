@@ -1,0 +1,142 @@
+"""Quantized twins of SAM's attention modules.
+
+SAM's `Attention` modules (mask decoder: `segment_anything.modeling.transformer.Attention`; image
+encoder: `segment_anything.modeling.image_encoder.Attention`) do their two MatMuls as plain tensor
+ops. The twins route them through named `QuantMatMul`s (`qk_matmul`, `pv_matmul`) so every MatMul
+input can be calibrated, hooked and compensated, and reproduce the original op order exactly: with
+every quantizer in FP mode a twin's output is bit-identical to the original's.
+
+Quantizers come from two factories called with the quantizer's path relative to the attention
+(e.g. `"q_proj.weight_quantizer"`, `"qk_matmul.lhs_quantizer"`); a factory returning None leaves that
+operand in full precision (a Linear whose weight and input factories both return None stays an
+`nn.Linear`). The twins keep the original submodule and Parameter names, so state_dict keys are a
+superset of the original's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from segment_anything.modeling import image_encoder, transformer
+from torch import Tensor, nn
+
+from carsam.quant.modules import QuantLinear, QuantMatMul
+from carsam.quant.quantizers import UniformQuantizer
+
+QuantizerFactory = Callable[[str], UniformQuantizer | None]
+
+QUERY_QUANTIZER = "qk_matmul.lhs_quantizer"  # Q (scaled by 1/sqrt(d) in the encoder)
+KEY_QUANTIZER = "qk_matmul.rhs_quantizer"  # K transposed
+PROBS_QUANTIZER = "pv_matmul.lhs_quantizer"  # softmax probabilities: unsigned
+VALUE_QUANTIZER = "pv_matmul.rhs_quantizer"  # V
+
+
+def quantize_linear(linear: nn.Linear, name: str, make_weight_q: QuantizerFactory,
+                    make_act_q: QuantizerFactory) -> nn.Module:
+    """A `QuantLinear` sharing `linear`'s Parameters, or `linear` itself if both factories return None."""
+    weight_q = make_weight_q(f"{name}.weight_quantizer")
+    input_q = make_act_q(f"{name}.input_quantizer")
+    if weight_q is None and input_q is None:
+        return linear
+    return QuantLinear.from_linear(linear, weight_q or nn.Identity(), input_q or nn.Identity())
+
+
+def quant_matmul(name: str, make_act_q: QuantizerFactory) -> QuantMatMul:
+    """A `QuantMatMul` whose operand quantizers come from `make_act_q` (`nn.Identity` where None)."""
+    lhs = make_act_q(f"{name}.lhs_quantizer")
+    rhs = make_act_q(f"{name}.rhs_quantizer")
+    return QuantMatMul(lhs or nn.Identity(), rhs or nn.Identity())
+
+
+class QuantDecoderAttention(nn.Module):
+    """Twin of the mask decoder's `Attention` (optionally downscaled internal dim).
+
+    Forward: q `(B, Nq, E)`, k `(B, Nk, E)`, v `(B, Nk, E)` -> `(B, Nq, E)`, via per-head
+    `qk_matmul(Q, Kᵀ)` `(B, h, Nq, Nk)`, `/ sqrt(d)`, softmax, `pv_matmul(P, V)` `(B, h, Nq, d)`.
+    """
+
+    def __init__(self, embedding_dim: int, internal_dim: int, num_heads: int, q_proj: nn.Module, k_proj: nn.Module,
+                 v_proj: nn.Module, out_proj: nn.Module, qk_matmul: QuantMatMul, pv_matmul: QuantMatMul) -> None:
+        super().__init__()
+        self.embedding_dim, self.internal_dim, self.num_heads = embedding_dim, internal_dim, num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.qk_matmul, self.pv_matmul = qk_matmul, pv_matmul
+
+    @classmethod
+    def from_attention(cls, attn: transformer.Attention, make_weight_q: QuantizerFactory,
+                       make_act_q: QuantizerFactory) -> QuantDecoderAttention:
+        """Build the twin of `attn`, sharing its Parameters."""
+        linears = [quantize_linear(getattr(attn, n), n, make_weight_q, make_act_q)
+                   for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        return cls(attn.embedding_dim, attn.internal_dim, attn.num_heads, *linears,
+                   quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q))
+
+    @staticmethod
+    def separate_heads(x: Tensor, num_heads: int) -> Tensor:
+        """`(B, N, C)` -> `(B, heads, N, C / heads)` (a view)."""
+        b, n, c = x.shape
+        return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+    @staticmethod
+    def recombine_heads(x: Tensor) -> Tensor:
+        """`(B, heads, N, d)` -> `(B, N, heads * d)`."""
+        b, heads, n, d = x.shape
+        return x.transpose(1, 2).reshape(b, n, heads * d)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q = self.separate_heads(self.q_proj(q), self.num_heads)
+        k = self.separate_heads(self.k_proj(k), self.num_heads)
+        v = self.separate_heads(self.v_proj(v), self.num_heads)
+        attn = self.qk_matmul(q, k.permute(0, 1, 3, 2))
+        attn = attn / math.sqrt(q.shape[-1])
+        attn = torch.softmax(attn, dim=-1)
+        out = self.recombine_heads(self.pv_matmul(attn, v))
+        return self.out_proj(out)
+
+    def extra_repr(self) -> str:
+        return f"embedding_dim={self.embedding_dim}, internal_dim={self.internal_dim}, num_heads={self.num_heads}"
+
+
+class QuantEncoderAttention(nn.Module):
+    """Twin of the image encoder's `Attention` (fused qkv, decomposed relative positions kept in FP).
+
+    Forward: x `(B, H, W, C)` -> `(B, H, W, C)`, via `qk_matmul(Q * d^-0.5, Kᵀ)` `(B*h, HW, HW)`, plus
+    the relative-position term (computed from the full-precision Q), softmax, `pv_matmul(P, V)`.
+    """
+
+    def __init__(self, num_heads: int, scale: float, qkv: nn.Module, proj: nn.Module, qk_matmul: QuantMatMul,
+                 pv_matmul: QuantMatMul, rel_pos_h: nn.Parameter | None, rel_pos_w: nn.Parameter | None) -> None:
+        super().__init__()
+        self.num_heads, self.scale = num_heads, scale
+        self.qkv, self.proj = qkv, proj
+        self.qk_matmul, self.pv_matmul = qk_matmul, pv_matmul
+        self.use_rel_pos = rel_pos_h is not None
+        if rel_pos_h is not None:
+            self.rel_pos_h, self.rel_pos_w = rel_pos_h, rel_pos_w
+
+    @classmethod
+    def from_attention(cls, attn: image_encoder.Attention, make_weight_q: QuantizerFactory,
+                       make_act_q: QuantizerFactory) -> QuantEncoderAttention:
+        """Build the twin of `attn`, sharing its Parameters (relative positions stay FP)."""
+        rel_h = attn.rel_pos_h if attn.use_rel_pos else None
+        rel_w = attn.rel_pos_w if attn.use_rel_pos else None
+        return cls(attn.num_heads, attn.scale,
+                   quantize_linear(attn.qkv, "qkv", make_weight_q, make_act_q),
+                   quantize_linear(attn.proj, "proj", make_weight_q, make_act_q),
+                   quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q), rel_h, rel_w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # each (B*heads, HW, d)
+        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
+        if self.use_rel_pos:
+            attn = image_encoder.add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        attn = attn.softmax(dim=-1)
+        out = self.pv_matmul(attn, v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, use_rel_pos={self.use_rel_pos}"

@@ -1,0 +1,122 @@
+"""Quantized modules: `QuantLinear`, `QuantConv2d` (weights + inputs) and `QuantMatMul` (both operands).
+
+`QuantLinear`/`QuantConv2d` keep the original module's `weight`/`bias` Parameters under the same
+names, so their state_dict keys are a superset of `nn.Linear`'s/`nn.Conv2d`'s and FP checkpoints
+load. Weights are calibrated from the weight itself (`calibrate_weight`), never from data: in
+CALIBRATE mode the weight is observed once (if its observer is empty) and passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from carsam.quant.quantizers import QuantMode, UniformQuantizer
+
+Quantizer = UniformQuantizer | nn.Identity  # nn.Identity: that operand stays full precision
+
+
+class _WeightQuantMixin:
+    """Weight handling shared by the quantized weight layers."""
+
+    weight: nn.Parameter
+    weight_quantizer: Quantizer
+
+    def calibrate_weight(self) -> None:
+        """Feed the weight to the weight quantizer's observer (replacing anything it had seen)."""
+        quantizer = self.weight_quantizer
+        if isinstance(quantizer, UniformQuantizer):
+            quantizer.observer.reset()
+            quantizer.observer.observe(self.weight.detach())
+
+    def quantized_weight(self) -> Tensor:
+        """The weight as used in the forward pass (fake-quantized in QUANTIZED mode), weight's shape."""
+        quantizer = self.weight_quantizer
+        if isinstance(quantizer, UniformQuantizer) and quantizer.mode is QuantMode.CALIBRATE:
+            if not quantizer.observer.has_data:
+                self.calibrate_weight()
+            return self.weight
+        return quantizer(self.weight)
+
+
+class QuantLinear(_WeightQuantMixin, nn.Module):
+    """`F.linear(input_quantizer(x), weight_quantizer(weight), bias)`.
+
+    Shapes: x `(..., in_features)` -> `(..., out_features)`; weight `(out_features, in_features)`,
+    quantized per output channel (`ch_axis=0`); the input per tensor.
+    """
+
+    def __init__(
+        self, weight: nn.Parameter, bias: nn.Parameter | None, weight_quantizer: Quantizer, input_quantizer: Quantizer
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> QuantLinear:
+        """Wrap `linear`, sharing its `weight`/`bias` Parameters."""
+        return cls(linear.weight, linear.bias, weight_quantizer, input_quantizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantConv2d(_WeightQuantMixin, nn.Module):
+    """`conv2d(input_quantizer(x), weight_quantizer(weight), bias)` with the wrapped conv's geometry.
+
+    Shapes: x `(B, C_in, H, W)` -> `(B, C_out, H', W')`; weight `(C_out, C_in / groups, kH, kW)`, quantized
+    per output channel; the input per tensor. Only `padding_mode="zeros"` is supported.
+    """
+
+    def __init__(self, conv: nn.Conv2d, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got '{conv.padding_mode}'")
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> QuantConv2d:
+        """Wrap `conv`, sharing its `weight`/`bias` Parameters."""
+        return cls(conv, weight_quantizer, input_quantizer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, weight = self.input_quantizer(x), self.quantized_weight()
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        c_out, c_in, kh, kw = self.weight.shape
+        return f"{c_in * self.groups}, {c_out}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}"
+
+
+class QuantMatMul(nn.Module):
+    """`lhs_quantizer(lhs) @ rhs_quantizer(rhs)`: a named MatMul whose inputs can be calibrated and hooked.
+
+    Shapes: lhs `(..., N, K)`, rhs `(..., K, M)` -> `(..., N, M)` (torch.matmul broadcasting).
+    """
+
+    def __init__(self, lhs_quantizer: Quantizer, rhs_quantizer: Quantizer) -> None:
+        super().__init__()
+        self.lhs_quantizer = lhs_quantizer
+        self.rhs_quantizer = rhs_quantizer
+
+    def forward(self, lhs: Tensor, rhs: Tensor) -> Tensor:
+        return self.lhs_quantizer(lhs) @ self.rhs_quantizer(rhs)
+
+
+def quantized_weight_modules(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
+    """Every `QuantLinear`/`QuantConv2d` of `model` with its module path."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+
+
+__all__ = ["Quantizer", "QuantLinear", "QuantConv2d", "QuantMatMul", "quantized_weight_modules"]
