@@ -12,7 +12,14 @@ from carsam.data.coco import DatasetError
 from carsam.methods.calibrate import CalibrationError
 from carsam.models.sam import CheckpointError
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, OSError)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -35,9 +42,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     table = trials_table(study)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     completed = [t for t in study.trials if t.value is not None]
-    if completed:
-        best = study.best_trial
-        print(f"best trial {best.number}: eval/mAP={best.value:.4f} params={best.params}")
+    if not completed:
+        print("carsam: error: no trial completed (see the 'error' column)", file=sys.stderr)
+        return 1
+    best = study.best_trial
+    print(f"best trial {best.number}: eval/mAP={best.value:.4f} params={best.params}")
     return 0
 
 
@@ -53,10 +62,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_testbed_data(args: argparse.Namespace) -> int:
-    from carsam.data.synthetic import SPLITS, SyntheticSpec, ensure_dataset
+    from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 
-    root = ensure_dataset(SyntheticSpec(seed=args.seed), f"{args.root}/testbed-seed{args.seed}", tuple(args.splits))
-    print(f"synthetic dataset (seed {args.seed}, splits {', '.join(args.splits or SPLITS)}) in {root}")
+    root = ensure_dataset(SyntheticSpec(seed=args.seed), dataset_dir(args.root, args.seed), tuple(args.splits))
+    print(f"synthetic dataset (seed {args.seed}, splits {', '.join(args.splits)}) in {root}")
     return 0
 
 
@@ -64,7 +73,7 @@ def _cmd_testbed_build(args: argparse.Namespace) -> int:
     from carsam.testbed_build import build_testbed
 
     card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out)
-    print(f"testbed checkpoint: {card['checkpoint']}  train time {card['train_seconds']:.0f}s  "
+    print(f"testbed checkpoint: {args.out}/{card['checkpoint']}  train time {card['train_seconds']:.0f}s  "
           f"val mIoU (GT boxes) {card['fp_metrics']['eval/mIoU']:.4f}")
     return 0
 
@@ -83,7 +92,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                        description="Run (or resume) an Optuna study defined by a search-space Python file.")
     p.add_argument("space", help="search space file (e.g. sweeps/rtn_bits.py)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
-    p.add_argument("--trials", type=int, default=9, help="number of trials to run (default 9)")
+    p.add_argument("--trials", type=_positive_int, default=9, help="number of trials to run (default 9)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///RUNS/optuna.db)")
     p.add_argument("--study", default=None, help="study name (default: the space file's name)")
     p.add_argument("--runs", default="runs", help="runs folder (default runs)")
@@ -113,8 +122,9 @@ def _add_testbed(sub: argparse._SubParsersAction) -> None:
                         "card with its FP metrics and training provenance.")
     b.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     b.add_argument("--root", default="data", help="data parent folder (default data)")
-    b.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    b.add_argument("--out", default=None, help="output folder (default: the package's assets folder)")
+    b.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the recipe's)")
+    b.add_argument("--out", default="build/testbed", help="output folder (default build/testbed; the shipped "
+                   "pair is carsam/assets/testbed_sam.pth + testbed.json)")
     b.set_defaults(func=_cmd_testbed_build)
 
 
@@ -136,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
+        if args.verbose:
+            logging.exception("user error")
         print(f"carsam: error: {err}", file=sys.stderr)
         return 2
 

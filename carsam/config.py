@@ -9,6 +9,7 @@ Values of overrides are parsed as YAML scalars (`true`, `4`, `0.5`, `[4, 8]`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,13 +17,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from carsam.data.coco import PROMPT_SOURCES
 from carsam.methods.registry import method_names
 from carsam.models.quantize import QuantConfig
+from carsam.models.sam import REAL_MODEL_TYPES
 
 T = TypeVar("T")
 
-MODEL_TYPES = ("testbed", "vit_b", "vit_l", "vit_h")
-PROMPT_SOURCES = ("detector", "gt_boxes")
+MODEL_TYPES = ("testbed", *REAL_MODEL_TYPES)
+DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
@@ -72,9 +75,19 @@ class DataConfig:
             raise ConfigError(f"data.calib_size must be >= 1, got {self.calib_size}")
         if self.max_val_images < 0:
             raise ConfigError(f"data.max_val_images must be >= 0 (0 = all), got {self.max_val_images}")
-        if self.images and not (self.annotations and self.calib_images and self.calib_annotations):
+        if self.images:
+            self._check_real_paths()
+
+    def _check_real_paths(self) -> None:
+        if not (self.annotations and self.calib_images and self.calib_annotations):
             raise ConfigError("the real-data path needs data.images, data.annotations, data.calib_images and "
                               "data.calib_annotations (and data.prompts for detector prompts)")
+        if self.prompt_source == "detector" and not self.prompts:
+            raise ConfigError("data.prompt_source=detector needs data.prompts (a COCO detection-results JSON); "
+                              "or set data.prompt_source=gt_boxes")
+        if Path(self.calib_annotations).resolve() == Path(self.annotations).resolve():
+            raise ConfigError("data.calib_annotations is the evaluation annotations file: calibrate on other "
+                              "images (the protocol uses 32 train2017 images)")
 
     @property
     def is_synthetic(self) -> bool:
@@ -95,6 +108,8 @@ class RunConfig:
     quant: QuantConfig = QuantConfig()
 
     def __post_init__(self) -> None:
+        if not DEVICE_PATTERN.match(self.device):
+            raise ConfigError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
         if self.method not in method_names():
             raise ConfigError(f"method must be one of {method_names()}, got '{self.method}'")
 

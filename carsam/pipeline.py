@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from carsam.config import DataConfig, ModelConfig, RunConfig, dump_yaml, to_dict
+from carsam.config import ConfigError, DataConfig, ModelConfig, RunConfig, dump_yaml, to_dict
 from carsam.data.coco import CocoBoxPrompts
-from carsam.data.synthetic import SyntheticSpec, ensure_dataset
+from carsam.atomic import write_text_atomic
+from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.eval.evaluate import box_as_mask_floor, evaluate
 from carsam.methods.registry import get_method
 from carsam.models.sam import TESTBED_CHECKPOINT, build_model
-from carsam.quant.quantizers import QuantMode, assert_quant_mode
-from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_atomic, write_record
+from carsam.quant.quantizers import QuantMode, assert_eval_ready, assert_quant_mode
+from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,11 @@ class DataSets:
     calib: CocoBoxPrompts
 
 
-def synthetic_root(data: DataConfig) -> Path:
-    """Folder of the testbed's synthetic dataset of seed `data.synthetic_seed`."""
-    return Path(data.synthetic_root) / f"testbed-seed{data.synthetic_seed}"
-
-
 def load_datasets(data: DataConfig, seed: int) -> DataSets:
     """Build (and, for the testbed, generate once) the evaluation and calibration sets."""
     if data.is_synthetic:
-        root = ensure_dataset(SyntheticSpec(seed=data.synthetic_seed), synthetic_root(data))
+        root = ensure_dataset(SyntheticSpec(seed=data.synthetic_seed), dataset_dir(data.synthetic_root,
+                                                                                    data.synthetic_seed))
         val_paths = (root / "images" / "val", root / "instances_val.json", root / "prompts_val.json")
         calib_paths = (root / "images" / "calib", root / "instances_calib.json", None)
     else:
@@ -61,7 +58,8 @@ def load_datasets(data: DataConfig, seed: int) -> DataSets:
     if 0 < data.max_val_images < len(val):
         val = val.subset(data.max_val_images, seed=0)  # the same images whatever the run's seed
     calib_source = "detector" if calib_paths[2] else "gt_boxes"
-    calib = CocoBoxPrompts(*calib_paths, prompt_source=calib_source).subset(data.calib_size, seed)
+    calib_pool = CocoBoxPrompts(*calib_paths, prompt_source=calib_source, check_files=False)
+    calib = calib_pool.subset(data.calib_size, seed, require_prompts=True)
     return DataSets(val, calib)
 
 
@@ -82,12 +80,12 @@ def model_description(model: ModelConfig) -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`cpu`, `cuda[:i]`, or `auto` (CUDA when available)."""
+    """`cpu`, `cuda[:i]`, or `auto` (CUDA when available); the name is validated by the config."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+        raise ConfigError(f"device '{name}' requested but CUDA is not available; use device=cpu")
     return device
 
 
@@ -109,10 +107,15 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return peak
 
 
+FP_BITS = 32  # what records say for the bits of a method that quantizes nothing
+
+
 def _new_record(config: RunConfig, run_id: str) -> RunRecord:
+    quantized = get_method(config.method).quantized
     return RunRecord(
         run_id=run_id, name=config.name or config.method, method=config.method,
-        model=model_description(config.model), w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
+        model=model_description(config.model),
+        w_bits=config.quant.w_bits if quantized else FP_BITS, a_bits=config.quant.a_bits if quantized else FP_BITS,
         prompts=config.data.prompt_source, seed=config.seed, config=to_dict(config),
         versions=library_versions(), git_commit=git_commit(),
         started_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -123,6 +126,17 @@ def seed_everything(seed: int) -> None:
     """Seed torch and numpy (the pipeline owns process-wide state; the library never seeds)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def assert_ready_to_evaluate(sam: torch.nn.Module, quantized: bool) -> None:
+    """Every quantizer QUANTIZED, calibrated, deterministic (QDrop probability 1, hard rounding) for a
+    quantized method; every quantizer FP otherwise. Also puts the model in eval mode. This is what makes
+    PTQ4SAM's evaluation bug (stochastic quantizers left on at test time) impossible here."""
+    sam.eval()
+    if quantized:
+        assert_eval_ready(sam)
+    else:
+        assert_quant_mode(sam, QuantMode.FP)
 
 
 def _execute(config: RunConfig, record: RunRecord, progress: bool) -> None:
@@ -139,7 +153,7 @@ def _execute(config: RunConfig, record: RunRecord, progress: bool) -> None:
     else:
         with _timed(record.timings, "method"):
             record.details.update(method.apply(sam, data.calib, config))
-        assert_quant_mode(sam, QuantMode.QUANTIZED if method.quantized else QuantMode.FP)
+        assert_ready_to_evaluate(sam, method.quantized)
         with _timed(record.timings, "evaluate"):
             result = evaluate(sam, data.val, progress=progress)
     record.metrics.update(result.metrics)
@@ -156,7 +170,7 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     run_id = new_run_id(config.name or config.method)
     run_dir = Path(config.runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    write_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
+    write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
     record = _new_record(config, run_id)
     record.details.update(extra or {}, command=" ".join(sys.argv))
     write_record(run_dir, record)

@@ -8,12 +8,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import os
+import logging
 import platform
 import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from carsam.atomic import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 RECORD_FILE = "record.json"
 CONFIG_FILE = "config.yaml"
@@ -51,21 +55,10 @@ def new_run_id(name: str) -> str:
     return f"{stamp}-{safe}-{secrets.token_hex(3)}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
 def write_record(run_dir: Path, record: RunRecord) -> Path:
     """Write `run_dir/record.json` atomically; returns its path."""
     path = Path(run_dir) / RECORD_FILE
-    write_atomic(path, json.dumps(dataclasses.asdict(record), indent=2, sort_keys=False, allow_nan=True))
+    write_text_atomic(path, json.dumps(dataclasses.asdict(record), indent=2, sort_keys=False, allow_nan=True))
     return path
 
 
@@ -75,12 +68,16 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
 
 
 def list_records(runs_dir: str | Path) -> list[dict[str, Any]]:
-    """All readable records under `runs_dir`, oldest first; folders without a record are skipped."""
+    """All readable records under `runs_dir`, oldest first; folders without a readable record are
+    skipped (with a warning for an unreadable one)."""
     root = Path(runs_dir)
-    if not root.is_dir():
-        return []
-    paths = sorted(root.glob(f"*/{RECORD_FILE}"))
-    return [json.loads(p.read_text()) for p in paths]
+    records = []
+    for path in sorted(root.glob(f"*/{RECORD_FILE}")) if root.is_dir() else []:
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            logger.warning("skipping unreadable run record %s (%s)", path, err)
+    return records
 
 
 def library_versions() -> dict[str, str]:
@@ -103,7 +100,7 @@ def git_commit(repo: str | Path | None = None) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"], cwd=cwd,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

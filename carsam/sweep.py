@@ -1,7 +1,7 @@
 """Optuna sweeps: a search space is a small Python file; every trial is one run record.
 
 A space file defines
-- `EXPERIMENT`: the experiment YAML the trials start from (relative to the space file or absolute);
+- `EXPERIMENT`: the experiment YAML the trials start from (absolute, or relative to the space file);
 - `suggest(trial) -> list[str]`: the `key=value` overrides of one trial;
 - optionally `GRID: dict[str, list]` (a full grid, sampled with Optuna's GridSampler) and
   `DIRECTION` ("maximize", the default, applies to `eval/mAP`).
@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 
 from carsam import pipeline
-from carsam.config import resolve
+from carsam.config import ConfigError, resolve
 
 logger = logging.getLogger(__name__)
 OBJECTIVE = "eval/mAP"
@@ -46,27 +46,27 @@ class SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Import a space file and check it defines EXPERIMENT and suggest()."""
+    """Import a space file and check it defines EXPERIMENT and suggest(); ConfigError otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search space file not found: {path}")
+    if not path.is_file() or path.suffix != ".py":
+        raise ConfigError(f"search space must be an existing .py file, got {path}")
     spec = importlib.util.spec_from_file_location(f"carsam_space_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as err:
+        raise ConfigError(f"search space {path} failed to import: {type(err).__name__}: {err}") from err
     if not hasattr(module, "EXPERIMENT") or not callable(getattr(module, "suggest", None)):
-        raise ValueError(f"search space {path} must define EXPERIMENT and suggest(trial)")
-    experiment = Path(module.EXPERIMENT)
-    if not experiment.is_absolute() and not experiment.exists():
-        experiment = path.parent / experiment
-    return SearchSpace(path.stem, experiment, module)
+        raise ConfigError(f"search space {path} must define EXPERIMENT and suggest(trial)")
+    return SearchSpace(path.stem, path.parent / module.EXPERIMENT, module)
 
 
 def make_objective(space: SearchSpace, study_name: str, runs_dir: str, extra_overrides: list[str]):
     """The Optuna objective: resolve the trial's config, run it, return its mAP."""
     def objective(trial: optuna.Trial) -> float:
-        overrides = space.overrides(trial) + [f"runs_dir={runs_dir}"] + extra_overrides
+        overrides = space.overrides(trial) + extra_overrides
         config = resolve(space.experiment, overrides)
-        config = dataclasses.replace(config, name=f"{study_name}-t{trial.number}")
+        config = dataclasses.replace(config, name=f"{study_name}-t{trial.number}", runs_dir=runs_dir)
         trial.set_user_attr("overrides", overrides)
         try:
             record = pipeline.run(config, extra={"study": study_name, "trial": trial.number})
@@ -87,6 +87,7 @@ def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None
     same command again after an interruption only runs what is missing). Failed trials are recorded
     with their error and the sweep goes on."""
     space = load_space(space_path)
+    resolve(space.experiment, overrides or [])  # a bad experiment or override fails once, before any trial
     study_name = study_name or space.name
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{Path(runs_dir) / 'optuna.db'}"
@@ -94,12 +95,24 @@ def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None
                                 direction=space.direction, sampler=space.sampler(seed))
     study.set_user_attr("experiment", str(space.experiment))
     objective = make_objective(space, study_name, runs_dir, overrides or [])
-    finished = sum(1 for t in study.trials if t.state.is_finished())
-    remaining = max(0, trials - finished)
-    logger.info("study '%s': %d finished trials, running %d more", study_name, finished, remaining)
+    completed = [t for t in study.trials if t.state is optuna.trial.TrialState.COMPLETE]
+    remaining = max(0, trials - len(completed))
+    logger.info("study '%s': %d completed trials, running %d more", study_name, len(completed), remaining)
     if remaining:
+        _retry_failed(study, completed, remaining)
         study.optimize(objective, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
     return study
+
+
+def _retry_failed(study: optuna.Study, completed: list[optuna.trial.FrozenTrial], budget: int) -> None:
+    """Queue again the parameters of failed or interrupted trials that never completed (up to `budget`)."""
+    done = [t.params for t in completed]
+    retry: list[dict[str, Any]] = []
+    for t in study.trials:
+        if t.state is optuna.trial.TrialState.FAIL and t.params and t.params not in done + retry:
+            retry.append(t.params)
+    for params in retry[:budget]:
+        study.enqueue_trial(params, skip_if_exists=False)
 
 
 def trials_table(study: optuna.Study) -> "Any":

@@ -27,6 +27,8 @@ from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from carsam.atomic import replace_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -191,10 +193,5 @@ def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec) -> list[dict[str
 
 def save_checkpoint(sam: Sam, path: str | Path) -> Path:
     """Write `sam`'s weights as an fp16 state dict (atomically); the FP reference is its fp32 upcast."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sam.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return replace_atomic(path, lambda tmp: torch.save(state, tmp))

@@ -1,8 +1,9 @@
 """`carsam testbed build`: generate the synthetic data, train the testbed SAM, write checkpoint and card.
 
 The card (`testbed.json`) holds the training recipe, the architecture, the training time, the loss
-history and the FP metrics on the validation split (detector prompts for mAP, GT boxes for mIoU),
-so the shipped checkpoint can be traced and rebuilt.
+history, the SHA-256 of the checkpoint and of the training annotations, and the FP metrics on the
+validation split (detector prompts for mAP, GT boxes for mIoU), so the shipped checkpoint can be
+traced and rebuilt. The new checkpoint replaces an existing one only once its card is computed.
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from segment_anything.modeling import Sam
 
+from carsam.atomic import write_text_atomic
 from carsam.data.coco import CocoBoxPrompts
-from carsam.data.synthetic import SyntheticSpec, ensure_dataset
+from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.eval.evaluate import evaluate
-from carsam.models.sam import ASSETS, TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
-from carsam.runs import git_commit, library_versions, write_atomic
+from carsam.models.sam import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
+from carsam.pipeline import file_sha256
+from carsam.runs import git_commit, library_versions
 from carsam.testbed import TrainSpec, load_training_set, save_checkpoint, train_testbed
 
 logger = logging.getLogger(__name__)
+CHECKPOINT_NAME = "testbed_sam.pth"
+CARD_NAME = "testbed.json"
 
 
-def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpec) -> tuple[Any, list[dict], float]:
+def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpec) -> tuple[Sam, list[dict], float]:
     """Seeded init + training on `root`'s train split; returns (model, history, seconds)."""
     torch.manual_seed(train_spec.seed)
     start = time.perf_counter()
@@ -42,27 +48,35 @@ def fp_metrics(checkpoint: Path, root: Path) -> dict[str, float]:
     return evaluate(build_testbed_from_checkpoint(checkpoint), val).metrics
 
 
-def write_card(out_dir: Path, checkpoint: Path, root: Path, data_spec: SyntheticSpec, train_spec: TrainSpec,
-               history: list[dict], seconds: float) -> dict[str, Any]:
-    """Write `out_dir/testbed.json` describing the checkpoint; returns the card."""
+def publish(sam: Sam, out_dir: Path, root: Path, data_spec: SyntheticSpec, train_spec: TrainSpec,
+            history: list[dict], seconds: float) -> dict[str, Any]:
+    """Save `sam` and its card into `out_dir`; an existing pair is replaced only after the card is ready."""
+    staged = save_checkpoint(sam, out_dir / f"{CHECKPOINT_NAME}.new")
     card = {
-        "checkpoint": str(checkpoint), "checkpoint_bytes": checkpoint.stat().st_size, "storage_dtype": "float16",
+        "checkpoint": CHECKPOINT_NAME, "checkpoint_bytes": staged.stat().st_size,
+        "checkpoint_sha256": file_sha256(staged), "storage_dtype": "float16",
         "testbed_spec": dataclasses.asdict(TestbedSpec()), "train_spec": dataclasses.asdict(train_spec),
-        "data_spec": dataclasses.asdict(data_spec), "train_seconds": round(seconds, 1),
-        "torch_threads": torch.get_num_threads(), "fp_metrics": fp_metrics(checkpoint, root),
-        "history": history, "versions": library_versions(), "git_commit": git_commit(),
+        "data_spec": dataclasses.asdict(data_spec),
+        "train_annotations_sha256": file_sha256(root / "instances_train.json"),
+        "train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
+        "fp_metrics": fp_metrics(staged, root), "history": history,
+        "versions": library_versions(), "git_commit": git_commit(),
     }
-    write_atomic(out_dir / "testbed.json", json.dumps(card, indent=1))
+    staged.replace(out_dir / CHECKPOINT_NAME)
+    write_text_atomic(out_dir / CARD_NAME, json.dumps(card, indent=1))
     return card
 
 
-def build_testbed(data_root: str = "data", seed: int = 0, steps: int | None = None,
-                  out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Generate data of `seed`, train, and write `testbed_sam.pth` + `testbed.json` into `out_dir`."""
+def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | None = None,
+                  out_dir: str | Path = "build/testbed") -> dict[str, Any]:
+    """Generate the data of `seed`, train, and write `testbed_sam.pth` + `testbed.json` into `out_dir`.
+
+    The shipped pair lives in `carsam/assets/`; copy a new build there to ship it.
+    """
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
     data_spec = SyntheticSpec(seed=seed)
-    root = ensure_dataset(data_spec, Path(data_root) / f"testbed-seed{seed}", ("train", "calib", "val"))
+    root = ensure_dataset(data_spec, dataset_dir(data_root, seed), ("train", "calib", "val"))
     train_spec = TrainSpec(seed=seed, **({"steps": steps} if steps else {}))
     sam, history, seconds = train_from_scratch(root, train_spec, TestbedSpec())
-    out = Path(out_dir) if out_dir else ASSETS
-    checkpoint = save_checkpoint(sam, out / "testbed_sam.pth")
-    return write_card(out, checkpoint, root, data_spec, train_spec, history, seconds)
+    return publish(sam, Path(out_dir), root, data_spec, train_spec, history, seconds)

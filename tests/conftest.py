@@ -12,6 +12,7 @@ from carsam.data.synthetic import SyntheticSpec, generate_split
 from carsam.models.sam import build_testbed_sam
 from carsam.testbed import save_checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL_SPEC = SyntheticSpec(seed=7, num_images=(("train", 0), ("calib", 4), ("val", 6)))
 
 
@@ -33,6 +34,11 @@ def random_testbed_checkpoint(tmp_path_factory) -> Path:
     sam = build_testbed_sam()
     torch.random.set_rng_state(gen_state)
     return save_checkpoint(sam, tmp_path_factory.mktemp("ckpt") / "random_testbed.pth")
+
+
+def experiment(name: str) -> str:
+    """Absolute path of a shipped experiment file, so tests do not depend on the working directory."""
+    return str(REPO / "experiments" / name)
 
 
 def real_data_overrides(paths: dict[str, Path], **replace: Path) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from carsam.cli import main
 from carsam.runs import list_records
-from tests.conftest import real_data_overrides, write_json
+from tests.conftest import experiment, real_data_overrides, write_json
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
@@ -21,7 +21,7 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
 @pytest.fixture()
 def base_args(tmp_path, small_coco, random_testbed_checkpoint) -> list[str]:
     """An FP run on the small real-path set with the random testbed (fast), runs under tmp."""
-    return ["experiments/fp.yaml", f"runs_dir={tmp_path / 'runs'}", f"model.checkpoint={random_testbed_checkpoint}",
+    return [experiment("fp.yaml"), f"runs_dir={tmp_path / 'runs'}", f"model.checkpoint={random_testbed_checkpoint}",
             "data.calib_size=2", *real_data_overrides(small_coco)]
 
 

@@ -86,11 +86,28 @@ def _load_coco(annotations_file: Path) -> COCO:
     if missing:
         raise DatasetError(f"annotations file {annotations_file} lacks key(s) {missing}; "
                            "it must be a COCO instances file with 'images', 'annotations', 'categories'")
+    _check_entries(data, annotations_file)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+_ENTRY_FIELDS = {"images": ("id", "file_name", "height", "width"),
+                 "annotations": ("id", "image_id", "category_id", "bbox", "segmentation"),
+                 "categories": ("id",)}
+
+
+def _check_entries(data: dict, annotations_file: Path) -> None:
+    """Every image, annotation and category entry is an object with the fields carsam reads."""
+    for key, fields in _ENTRY_FIELDS.items():
+        if not isinstance(data[key], list):
+            raise DatasetError(f"annotations file {annotations_file}: '{key}' must be a list")
+        for index, entry in enumerate(data[key]):
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                raise DatasetError(f"annotations file {annotations_file}: {key}[{index}] lacks field(s) {missing}")
 
 
 def _is_number(value: object) -> bool:
@@ -184,10 +201,13 @@ class CocoBoxPrompts:
     """A COCO-format image set whose samples carry box prompts from a detector file or the GT boxes.
 
     Indexing gives `ImageSample`s in `image_ids` order; `.coco` is the ground truth for COCOeval.
+    `check_files=False` defers the check that every image file exists to `subset` (which checks
+    the images it keeps), so a 32-image calibration subset of train2017 needs only those 32 files.
     """
 
     def __init__(self, images_dir: str | Path, annotations_file: str | Path, prompts_file: str | Path | None,
-                 prompt_source: str = "detector", image_ids: Sequence[int] | None = None) -> None:
+                 prompt_source: str = "detector", image_ids: Sequence[int] | None = None,
+                 check_files: bool = True) -> None:
         if prompt_source not in PROMPT_SOURCES:
             raise DatasetError(f"prompt_source must be one of {PROMPT_SOURCES}, got '{prompt_source}'")
         if prompt_source == "detector" and prompts_file is None:
@@ -205,7 +225,8 @@ class CocoBoxPrompts:
             if prompts_file is not None:
                 logger.info("prompt_source 'gt_boxes': ignoring prompts file %s", prompts_file)
             self._prompts = _gt_box_prompts(self.coco)
-        _check_image_files(self.images_dir, self.coco, self._image_ids)
+        if check_files:
+            _check_image_files(self.images_dir, self.coco, self._image_ids)
         logger.info("loaded %d images (%s prompts) from %s", len(self), prompt_source, self.annotations_file)
 
     @property
@@ -227,13 +248,17 @@ class CocoBoxPrompts:
     def __iter__(self) -> Iterator[ImageSample]:
         return (self.get(i) for i in self._image_ids)
 
-    def subset(self, n: int, seed: int) -> CocoBoxPrompts:
-        """A set of `n` image ids drawn without replacement (deterministic in `seed`), sorted by id."""
-        if not 1 <= n <= len(self):
-            raise DatasetError(f"subset size must be in [1, {len(self)}] (the set's size), got {n}")
-        chosen = np.random.default_rng(seed).choice(np.array(self._image_ids), size=n, replace=False)
+    def subset(self, n: int, seed: int, require_prompts: bool = False) -> CocoBoxPrompts:
+        """A set of `n` image ids drawn without replacement (deterministic in `seed`), sorted by id;
+        with `require_prompts`, only from images that have at least one prompt. Checks their files."""
+        pool = [i for i in self._image_ids if not require_prompts or self._span(i)[1] > self._span(i)[0]]
+        if not 1 <= n <= len(pool):
+            what = "images with prompts" if require_prompts else "images"
+            raise DatasetError(f"subset size must be in [1, {len(pool)}] (the set's {what}), got {n}")
+        chosen = np.random.default_rng(seed).choice(np.array(pool), size=n, replace=False)
         other = copy.copy(self)  # shares the read-only COCO index and prompts
         other._image_ids = sorted(int(i) for i in chosen)
+        _check_image_files(other.images_dir, other.coco, other._image_ids)
         return other
 
     def image_size(self, image_id: int) -> tuple[int, int]:
@@ -244,8 +269,11 @@ class CocoBoxPrompts:
     def load_image(self, image_id: int) -> np.ndarray:
         """The image as (H, W, 3) uint8 RGB (grayscale, palette and RGBA are converted)."""
         path = self.images_dir / self.coco.imgs[image_id]["file_name"]
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except OSError as err:  # includes PIL's UnidentifiedImageError and truncated files
+            raise DatasetError(f"image {path} cannot be read ({err}); replace the file") from err
         height, width = self.image_size(image_id)
         if pixels.shape[:2] != (height, width):
             raise DatasetError(f"image {path} is {pixels.shape[1]}x{pixels.shape[0]} (WxH) but the annotations "

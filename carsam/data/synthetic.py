@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from carsam.atomic import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 CATEGORIES = ("disc", "square", "triangle", "ellipse", "ring", "cross")
@@ -196,7 +198,12 @@ def detector_prompts(rng: np.random.Generator, image_id: int, gt: list[dict], h:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    _write_text_atomic(path, json.dumps(obj))
+    write_text_atomic(path, json.dumps(obj))
+
+
+def dataset_dir(parent: str | Path, seed: int) -> Path:
+    """The folder of the synthetic dataset of `seed` under `parent` (`parent/testbed-seed<seed>`)."""
+    return Path(parent) / f"testbed-seed{seed}"
 
 
 def generate_split(spec: SyntheticSpec, split: str, root: str | Path) -> dict[str, Path]:
@@ -256,11 +263,5 @@ def ensure_dataset(spec: SyntheticSpec, root: str | Path, splits: tuple[str, ...
             if marker.is_file() and marker.read_text() == wanted:
                 continue
             generate_split(spec, split, root)
-            _write_text_atomic(marker, wanted)
+            write_text_atomic(marker, wanted)
     return root
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

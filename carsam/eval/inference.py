@@ -24,7 +24,7 @@ class ImageEmbedding:
 
     features: (1, C, g, g) tensor (C = 256, g = img_size / patch_size). input_size: (h, w) of the
     resized image before padding (long side = the encoder's img_size). original_size: (H, W).
-    Tensors made by `SamBoxPredictor.embed` are inference tensors: `.clone()` them before autograd use.
+    `SamBoxPredictor.embed` runs under `torch.no_grad()`: the features carry no autograd graph.
     """
 
     features: torch.Tensor
@@ -46,7 +46,7 @@ class SamBoxPredictor:
     def device(self) -> torch.device:
         return self.sam.device
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed(self, image: np.ndarray) -> ImageEmbedding:
         """Encode an (H, W, 3) uint8 RGB image: resize the long side, normalise, pad, run the encoder."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -56,7 +56,7 @@ class SamBoxPredictor:
         features = self.sam.image_encoder(self.sam.preprocess(pixels.float()))
         return ImageEmbedding(features, (resized.shape[0], resized.shape[1]), (image.shape[0], image.shape[1]))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def predict(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Masks (N, H, W) bool and predicted IoUs (N,) float32 for N boxes (N, 4) xyxy in original pixels.
 

@@ -32,10 +32,11 @@ def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False) -> Sa
     calibrate_weights_(sam)
     set_quant_mode(sam, QuantMode.CALIBRATE)
     predictor = SamBoxPredictor(sam)
-    with torch.inference_mode():
-        for sample in tqdm(calib, desc="calibrate", unit="img", disable=not progress):
-            if len(sample.boxes):
-                predictor.predict(predictor.embed(sample.image), sample.boxes)
+    with torch.no_grad():  # not inference_mode: observer state must stay usable by later autograd steps
+        for image_id in tqdm(calib.image_ids, desc="calibrate", unit="img", disable=not progress):
+            boxes = calib.prompts(image_id)[0]
+            if len(boxes):
+                predictor.predict(predictor.embed(calib.load_image(image_id)), boxes)
     set_quant_mode(sam, QuantMode.QUANTIZED)
     assert_quant_mode(sam, QuantMode.QUANTIZED)
     uncalibrated = [path for path, q in iter_quantizers(sam) if not q.is_calibrated]

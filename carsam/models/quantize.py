@@ -61,6 +61,9 @@ class LayerSettings:
     a_symmetric: bool = False
 
     def __post_init__(self) -> None:
+        for field in ("enabled", "w_symmetric", "a_symmetric"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be true or false, got {getattr(self, field)!r}")
         validate_bits(self.w_bits, "w_bits")
         validate_bits(self.a_bits, "a_bits")
         for field in ("w_observer", "a_observer"):

@@ -1,9 +1,17 @@
 """Quantizer modules and the model-wide mode toggles.
 
-A `UniformQuantizer` is in one of three modes (`QuantMode`): FP (identity), CALIBRATE (feed the input
-to its observer, return it unchanged) or QUANTIZED (fake-quantize with its `scale`/`zero_point`).
-`set_quant_mode` switches every quantizer of a model and finalizes the calibration of those whose
-observer holds data when switching to QUANTIZED. Modes are plain attributes, not state_dict entries.
+Every quantizer derives from `QuantizerBase` (the uniform one here, `LogQuantizer` in `logquant.py`,
+`AdaRoundQuantizer` in `adaround.py`), which is what `iter_quantizers` finds. A quantizer is in one of
+three modes (`QuantMode`): FP (identity), CALIBRATE (feed the input to its observer, return it
+unchanged) or QUANTIZED (fake-quantize with its qparams). `set_quant_mode` switches every quantizer of
+a model and finalizes the calibration of those with pending statistics when switching to QUANTIZED.
+Modes and QDrop's `quant_prob` are plain attributes, not state_dict entries.
+
+QDrop (Wei et al. 2022): with `quant_prob < 1`, a QUANTIZED quantizer in training mode keeps each
+element's quantized value with probability `quant_prob` and its FP value otherwise (PTQ4SAM's "drop
+probability", 1.0 = always quantized). In eval mode, or at `quant_prob == 1`, the output is the
+deterministic quantized value. `assert_eval_ready` makes the PTQ4SAM evaluation bug (`quant_prob`
+left below 1 on some quantizers, see METHODS.md) impossible to miss.
 """
 
 from __future__ import annotations
@@ -32,45 +40,19 @@ class QuantMode(str, Enum):
     QUANTIZED = "quantized"
 
 
-class UniformQuantizer(nn.Module):
-    """Uniform affine fake quantizer, per tensor (`ch_axis=None`) or per channel along `ch_axis`.
+class QuantizerBase(nn.Module):
+    """What every quantizer shares: `bits`, `mode`, `path` (for messages), QDrop's `quant_prob`.
 
-    Args:
-        bits: bit width in 2..16.
-        symmetric: symmetric signed grid with zero point 0, else asymmetric unsigned grid.
-        ch_axis: channel axis for per-channel qparams (0 for Linear/Conv weights), or None.
-        observer: name of the range estimator (see `carsam.quant.observers.OBSERVERS`).
-        **observer_kwargs: passed to the observer (e.g. `percentile=99.9`, `grid=50`).
-
-    Buffers `scale` and `zero_point` are empty until calibrated, then shape `()` per tensor or `(C,)`
-    per channel; loading a state dict resizes them, so a calibrated checkpoint loads into a fresh one.
+    Subclasses implement `forward` and `is_calibrated`; those that learn qparams from data override
+    `has_pending_calibration` and `finalize_calibration`; `eval_problems` may add their own checks.
     """
 
-    def __init__(
-        self,
-        bits: int,
-        symmetric: bool = False,
-        ch_axis: int | None = None,
-        observer: str = "minmax",
-        **observer_kwargs: Any,
-    ) -> None:
+    def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = validate_bits(bits)
-        self.symmetric = symmetric
-        self.ch_axis = ch_axis
-        self.qmin, self.qmax = integer_range(self.bits, symmetric)
-        self.observer_name = observer
-        self.observer = build_observer(observer, **self._observer_kwargs(observer, observer_kwargs))
         self._mode = QuantMode.FP
+        self._quant_prob = 1.0
         self.path = ""  # the module path, set by `set_quant_mode` for error messages
-        self.register_buffer("scale", torch.empty(0))
-        self.register_buffer("zero_point", torch.empty(0))
-
-    def _observer_kwargs(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {"ch_axis": self.ch_axis, **kwargs}
-        if getattr(OBSERVERS.get(name), "uses_qspec", False):
-            kwargs.update(bits=self.bits, symmetric=self.symmetric)
-        return kwargs
 
     @property
     def mode(self) -> QuantMode:
@@ -82,12 +64,103 @@ class UniformQuantizer(nn.Module):
         self._mode = QuantMode(value)
 
     @property
+    def quant_prob(self) -> float:
+        """QDrop: probability that an element keeps its quantized value in training (1.0: always)."""
+        return self._quant_prob
+
+    @quant_prob.setter
+    def quant_prob(self, value: float) -> None:
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"quant_prob must be in [0, 1], got {value}")
+        self._quant_prob = float(value)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the qparams hold values."""
+        raise NotImplementedError
+
+    @property
+    def has_pending_calibration(self) -> bool:
+        """Whether statistics wait to be turned into qparams by `finalize_calibration`."""
+        return False
+
+    def finalize_calibration(self) -> None:
+        """Turn pending statistics into qparams (no-op for quantizers without an observer)."""
+
+    def qdrop(self, x: Tensor, x_q: Tensor) -> Tensor:
+        """QDrop mixing: `x_q` where a Bernoulli(`quant_prob`) draw succeeds, else `x` (same shape).
+
+        Active only in training mode with `quant_prob < 1`; otherwise returns `x_q` unchanged. Draws use
+        the global RNG (seeded by the caller, like dropout).
+        """
+        if not self.training or self._quant_prob >= 1.0:
+            return x_q
+        keep = torch.rand_like(x, dtype=torch.float32) < self._quant_prob
+        return torch.where(keep, x_q, x)
+
+    def eval_problems(self) -> list[str]:
+        """Why this quantizer is not ready for evaluation (empty when it is)."""
+        problems = []
+        if self.mode is not QuantMode.QUANTIZED:
+            problems.append(f"mode={self.mode.value}")
+        if self._quant_prob != 1.0:
+            problems.append(f"quant_prob={self._quant_prob}")
+        if not self.is_calibrated:
+            problems.append("uncalibrated")
+        return problems
+
+
+class UniformQuantizer(QuantizerBase):
+    """Uniform affine fake quantizer, per tensor (`ch_axis=None`) or per channel along `ch_axis`.
+
+    Args:
+        bits: bit width in 2..16.
+        symmetric: symmetric signed grid with zero point 0, else asymmetric unsigned grid.
+        ch_axis: channel axis for per-channel qparams (0 for Linear/Conv weights), or None.
+        observer: name of the range estimator (see `carsam.quant.observers.OBSERVERS`).
+        **observer_kwargs: passed to the observer (e.g. `percentile=99.9`, `grid=50`).
+
+    Buffers `scale` and `zero_point` are empty until calibrated, then shape `()` per tensor or `(C,)`
+    per channel; loading a state dict resizes them, so a calibrated checkpoint loads into a fresh one.
+    `quant_prob` (QDrop, see the module docstring) defaults to 1.0.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        symmetric: bool = False,
+        ch_axis: int | None = None,
+        observer: str = "minmax",
+        **observer_kwargs: Any,
+    ) -> None:
+        super().__init__(bits)
+        self.symmetric = symmetric
+        self.ch_axis = ch_axis
+        self.qmin, self.qmax = integer_range(self.bits, symmetric)
+        self.observer_name = observer
+        self.observer = build_observer(observer, **self._observer_kwargs(observer, observer_kwargs))
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+
+    def _observer_kwargs(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {"ch_axis": self.ch_axis, **kwargs}
+        if getattr(OBSERVERS.get(name), "uses_qspec", False):
+            kwargs.update(bits=self.bits, symmetric=self.symmetric)
+        return kwargs
+
+    @property
     def is_calibrated(self) -> bool:
         """Whether `scale` and `zero_point` hold values (from calibration, `set_qparams` or a state dict)."""
         return self.scale.numel() > 0
 
+    @property
+    def has_pending_calibration(self) -> bool:
+        """Whether the observer holds data not yet turned into qparams."""
+        return self.observer.has_data
+
     def forward(self, x: Tensor) -> Tensor:
-        """FP: `x`; CALIBRATE: observe `x`, return it; QUANTIZED: fake-quantized `x`. Shape preserved."""
+        """FP: `x`; CALIBRATE: observe `x`, return it; QUANTIZED: fake-quantized `x` (QDrop-mixed with
+        `x` in training mode when `quant_prob < 1`). Shape preserved."""
         if self.mode is QuantMode.FP:
             return x
         if self.mode is QuantMode.CALIBRATE:
@@ -96,7 +169,8 @@ class UniformQuantizer(nn.Module):
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer '{self.path or self.extra_repr()}' is in QUANTIZED mode but was "
                                "never calibrated: calibrate it (CALIBRATE mode + data, or set_qparams) first")
-        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+        x_q = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+        return self.qdrop(x, x_q)
 
     def finalize_calibration(self) -> None:
         """Set `scale`/`zero_point` from the observer's range, then reset the observer (frees its data)."""
@@ -142,27 +216,28 @@ class UniformQuantizer(nn.Module):
     def extra_repr(self) -> str:
         granularity = "per_tensor" if self.ch_axis is None else f"per_channel(axis={self.ch_axis})"
         sym = "sym" if self.symmetric else "asym"
-        return f"bits={self.bits}, {sym}, {granularity}, observer={self.observer_name}, mode={self.mode.value}"
+        drop = f", quant_prob={self.quant_prob}" if self.quant_prob != 1.0 else ""
+        return f"bits={self.bits}, {sym}, {granularity}, observer={self.observer_name}, mode={self.mode.value}{drop}"
 
 
-def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, UniformQuantizer]]:
-    """Every `UniformQuantizer` in `model` with its module path, in `named_modules` order."""
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, QuantizerBase]]:
+    """Every quantizer (`QuantizerBase`) in `model` with its module path, in `named_modules` order."""
     for path, module in model.named_modules():
-        if isinstance(module, UniformQuantizer):
+        if isinstance(module, QuantizerBase):
             yield path, module
 
 
 def set_quant_mode(model: nn.Module, mode: QuantMode | str) -> None:
     """Put every quantizer of `model` in `mode`.
 
-    Switching to QUANTIZED first finalizes the calibration of every quantizer whose observer holds data
-    (activations observed in CALIBRATE mode, weights fed by `calibrate_weight`).
+    Switching to QUANTIZED first finalizes the calibration of every quantizer with pending statistics
+    (`has_pending_calibration`: activations observed in CALIBRATE mode, weights fed by `calibrate_weight`).
     """
     mode = QuantMode(mode)
     finalized = 0
     for path, quantizer in iter_quantizers(model):
         quantizer.path = path
-        if mode is QuantMode.QUANTIZED and quantizer.observer.has_data:
+        if mode is QuantMode.QUANTIZED and quantizer.has_pending_calibration:
             quantizer.finalize_calibration()
             finalized += 1
         quantizer.mode = mode
@@ -180,3 +255,38 @@ def assert_quant_mode(model: nn.Module, mode: QuantMode | str) -> None:
     offending = {path: m.value for path, m in quant_modes(model).items() if m is not mode}
     if offending:
         raise AssertionError(f"{len(offending)} quantizer(s) not in mode '{mode.value}': {offending}")
+
+
+def _weight_quantizer_ids(model: nn.Module) -> set[int]:
+    """Ids of the quantizers held as `weight_quantizer` by a weight layer (QuantLinear, QuantConv2d)."""
+    return {id(q) for m in model.modules() if isinstance(q := getattr(m, "weight_quantizer", None), nn.Module)}
+
+
+def set_quant_prob(model: nn.Module, p: float, *, weights: bool = False) -> None:
+    """Set QDrop's `quant_prob` to `p` on the quantizers of `model`.
+
+    `p < 1` goes to the activation quantizers only (QDrop drops activations; weights are rounded by
+    AdaRound), unless `weights=True`. `p == 1` resets every quantizer, weights included, so one call
+    undoes any earlier setting (the PTQ4SAM evaluation bug reset only some of them).
+    """
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"quant_prob must be in [0, 1], got {p}")
+    skip = set() if weights or p == 1.0 else _weight_quantizer_ids(model)
+    count = 0
+    for _, quantizer in iter_quantizers(model):
+        if id(quantizer) not in skip:
+            quantizer.quant_prob = p
+            count += 1
+    logger.debug("quant_prob -> %s on %d quantizers", p, count)
+
+
+def assert_eval_ready(model: nn.Module) -> None:
+    """Raise `AssertionError` listing every quantizer of `model` not ready for evaluation.
+
+    Ready: mode QUANTIZED, `quant_prob == 1.0`, calibrated, and (AdaRound) hard rounding. A model
+    without quantizers passes.
+    """
+    offending = {path: problems for path, q in iter_quantizers(model) if (problems := q.eval_problems())}
+    if offending:
+        listed = "; ".join(f"'{path}': {', '.join(problems)}" for path, problems in offending.items())
+        raise AssertionError(f"{len(offending)} quantizer(s) not ready for evaluation: {listed}")

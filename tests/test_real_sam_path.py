@@ -1,0 +1,34 @@
+"""The real-SAM path: a vit_b checkpoint on disk, COCO-format data on disk, SAM's 1024 input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from segment_anything import sam_model_registry
+
+from carsam.cli import main
+from carsam.runs import list_records
+from tests.conftest import experiment, real_data_overrides
+
+
+@pytest.fixture(scope="module")
+def random_vit_b_checkpoint(tmp_path_factory):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]()
+    torch.random.set_rng_state(state)
+    path = tmp_path_factory.mktemp("vit_b") / "sam_vit_b_random.pth"
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_rtn_runs_on_random_vit_b_at_1024(tmp_path, small_coco, random_vit_b_checkpoint, capsys):
+    args = ["run", experiment("rtn_w8a8.yaml"), "--no-progress", f"runs_dir={tmp_path}", "model.type=vit_b",
+            f"model.checkpoint={random_vit_b_checkpoint}", "quant.w_observer=minmax", "data.calib_size=1",
+            "data.max_val_images=1", *real_data_overrides(small_coco)]
+    assert main(args) == 0, capsys.readouterr().err
+    (record,) = list_records(tmp_path)
+    assert record["status"] == "completed" and record["model"]["type"] == "vit_b"
+    assert record["details"]["num_quantizers"] > 100  # 12 encoder + 7 decoder attentions, MLPs, neck
+    assert all(0.0 <= v <= 1.0 for v in record["metrics"].values())
