@@ -35,8 +35,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    import optuna
+
     from carsam.sweep import run_sweep, trials_table
 
+    if not args.verbose:  # keep the progress bar readable: per-run logs go to each run's record
+        logging.getLogger("carsam").setLevel(logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = run_sweep(args.space, trials=args.trials, storage=args.storage, study_name=args.study,
                       runs_dir=args.runs, overrides=args.overrides, progress=not args.no_progress)
     table = trials_table(study)

@@ -24,7 +24,7 @@ def random_vit_b_checkpoint(tmp_path_factory):
 
 @pytest.mark.slow
 def test_rtn_runs_on_random_vit_b_at_1024(tmp_path, small_coco, random_vit_b_checkpoint, capsys):
-    args = ["run", experiment("rtn_w8a8.yaml"), "--no-progress", f"runs_dir={tmp_path}", "model.type=vit_b",
+    args = ["run", "--no-progress", experiment("rtn_w8a8.yaml"), f"runs_dir={tmp_path}", "model.type=vit_b",
             f"model.checkpoint={random_vit_b_checkpoint}", "quant.w_observer=minmax", "data.calib_size=1",
             "data.max_val_images=1", *real_data_overrides(small_coco)]
     assert main(args) == 0, capsys.readouterr().err
