@@ -3,7 +3,9 @@
 A space file defines
 - `EXPERIMENT`: the experiment YAML the trials start from (absolute, or relative to the space file);
 - `suggest(trial) -> list[str]`: the `key=value` overrides of one trial;
-- optionally `GRID: dict[str, list]` (a full grid, sampled with Optuna's GridSampler) and
+- optionally `GRID: dict[str, list]`: a full grid, run point by point in its declared order (each
+  point is queued as a fixed trial, so a rerun queues exactly the points not yet completed, failed
+  ones included; Optuna's GridSampler counts failed points as visited, which would lose them), and
   `DIRECTION` ("maximize", the default, applies to `eval/mAP`).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -36,9 +39,15 @@ class SearchSpace:
     def overrides(self, trial: optuna.Trial) -> list[str]:
         return list(self.module.suggest(trial))
 
+    @property
+    def grid(self) -> list[dict[str, Any]]:
+        """Every point of the space's GRID (empty without one), in declared order."""
+        grid = getattr(self.module, "GRID", None) or {}
+        keys = list(grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        grid = getattr(self.module, "GRID", None)
-        return optuna.samplers.GridSampler(grid, seed=seed) if grid else optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.TPESampler(seed=seed)  # grid points arrive as queued fixed trials
 
     @property
     def direction(self) -> str:
@@ -95,24 +104,27 @@ def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None
                                 direction=space.direction, sampler=space.sampler(seed))
     study.set_user_attr("experiment", str(space.experiment))
     objective = make_objective(space, study_name, runs_dir, overrides or [])
-    completed = [t for t in study.trials if t.state is optuna.trial.TrialState.COMPLETE]
-    remaining = max(0, trials - len(completed))
-    logger.info("study '%s': %d completed trials, running %d more", study_name, len(completed), remaining)
+    done = [t.params for t in study.trials if t.state is optuna.trial.TrialState.COMPLETE]
+    planned = min(trials, len(space.grid)) if space.grid else trials
+    remaining = max(0, planned - len(done))
+    logger.info("study '%s': %d completed trials, running %d more", study_name, len(done), remaining)
     if remaining:
-        _retry_failed(study, completed, remaining)
+        for params in _missing_points(study, space, done)[:remaining]:
+            study.enqueue_trial(params, skip_if_exists=False)
         study.optimize(objective, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
     return study
 
 
-def _retry_failed(study: optuna.Study, completed: list[optuna.trial.FrozenTrial], budget: int) -> None:
-    """Queue again the parameters of failed or interrupted trials that never completed (up to `budget`)."""
-    done = [t.params for t in completed]
+def _missing_points(study: optuna.Study, space: SearchSpace, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parameter sets to queue: the grid points not completed, or (without a grid) those of
+    failed trials that never completed, so an interrupted or crashed point is run again."""
+    if space.grid:
+        return [p for p in space.grid if p not in done]
     retry: list[dict[str, Any]] = []
     for t in study.trials:
         if t.state is optuna.trial.TrialState.FAIL and t.params and t.params not in done + retry:
             retry.append(t.params)
-    for params in retry[:budget]:
-        study.enqueue_trial(params, skip_if_exists=False)
+    return retry
 
 
 def trials_table(study: optuna.Study) -> "Any":

@@ -45,3 +45,15 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, small_coco):
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     assert "checkpoint not found" in study.trials[0].user_attrs["error"]
     assert [r["status"] for r in list_records(tmp_path / "runs")] == ["failed", "failed"]
+
+
+def test_rerun_retries_failed_grid_points_until_the_grid_is_complete(tmp_path, small_coco, random_testbed_checkpoint):
+    space = _space(tmp_path, experiment("rtn_w8a8.yaml"))
+    data = [*real_data_overrides(small_coco), "data.calib_size=2", "quant.w_observer=minmax"]
+    runs = str(tmp_path / "runs")
+    broken = run_sweep(space, trials=1, runs_dir=runs, overrides=[f"model.checkpoint={tmp_path / 'none.pth'}", *data])
+    failed_params = broken.trials[0].params
+    study = run_sweep(space, trials=2, runs_dir=runs, overrides=[f"model.checkpoint={random_testbed_checkpoint}", *data])
+    completed = [t.params for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(completed) == 2 and failed_params in completed
+    assert sorted(p["quant.w_bits"] for p in completed) == [6, 8]
