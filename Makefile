@@ -8,7 +8,7 @@ TRIALS ?= 9
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast sweep report testbed data clean
+.PHONY: help setup test test-fast sweep report testbed data bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ data: $(STAMP) ## generate the synthetic testbed dataset (seed 0) under data/
 
 testbed: $(STAMP) ## regenerate the data and retrain the testbed SAM (about an hour on 2 cores)
 	$(BIN)/carsam testbed build
+
+bench: $(STAMP) ## benchmarks: Lightning vs plain-loop overhead of one decoder reconstruction unit
+	OMP_NUM_THREADS=1 $(BIN)/python bench/recon_overhead.py
 
 clean: ## remove runs/, data/ and build/ (keeps .venv)
 	rm -rf runs data build

@@ -1,0 +1,147 @@
+"""Reconstruction units: which modules are optimised together, found by type, selected by name.
+
+A unit is the module subtree rooted at one module path; its parameters (AdaRound `alpha`s, learnable
+activation scales) are optimised together so that the subtree's output matches the FP model's output
+of the same subtree. The groupings (the one place that defines them, `GROUPINGS`):
+
+- `attention_mlp` (PTQ4SAM): each attention and each MLP of the decoder's two-way blocks, in call
+  order (self, token->image, MLP, image->token), then the final token->image attention;
+- `block`: each `TwoWayAttentionBlock` of the decoder, then the final token->image attention;
+- `encoder_block`: each image-encoder `Block`.
+
+Modules are matched by class (segment_anything's and carsam's quantized twins), never by name; the
+only names used are the two scopes of `carsam.models.quantize`. A unit runs itself on cached inputs
+(`ReconUnit.run`) and returns its output streams as a tuple: a block gives (queries, keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from segment_anything.modeling import image_encoder, transformer
+from segment_anything.modeling.common import MLPBlock
+from torch import Tensor, nn
+
+from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
+from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
+
+logger = logging.getLogger(__name__)
+
+DECODER_ATTENTION = (transformer.Attention, QuantDecoderAttention)
+ENCODER_ATTENTION = (image_encoder.Attention, QuantEncoderAttention)
+SINGLE_STREAM = ("out",)
+BLOCK_STREAMS = ("queries", "keys")
+FINAL_ATTENTION = "final_attn_token_to_image"
+BLOCK_ORDER = ("self_attn", "cross_attn_token_to_image", "mlp", "cross_attn_image_to_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconUnit:
+    """One reconstruction unit.
+
+    name: short label for records (`decoder.layers.0.self_attn`); path: the root module's path in the
+    SAM (`mask_decoder.transformer.layers.0.self_attn`); kind: `attention`, `mlp`, `block` or
+    `encoder_block`; streams: names of the output streams, in the order the module returns them.
+    """
+
+    name: str
+    path: str
+    kind: str
+    streams: tuple[str, ...] = SINGLE_STREAM
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """The unit's root module inside `model` (the SAM the unit was found in)."""
+        return model.get_submodule(self.path)
+
+    @property
+    def in_encoder(self) -> bool:
+        """Whether the unit lies in the image encoder (then only the encoder runs to feed it)."""
+        return self.path.startswith(ENCODER_SCOPE + ".")
+
+    def run(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
+        """Call the unit's root `module` on cached inputs; the outputs as a tuple, one per stream.
+
+        Decoder attention: q `(B, Nq, E)`, k/v `(B, Nk, E)` -> `((B, Nq, E),)`; decoder block: queries
+        `(B, Nq, E)`, keys `(B, Nk, E)`, query_pe, key_pe -> `(queries, keys)`; encoder block:
+        x `(1, H, W, C)` -> `((1, H, W, C),)`. B = the image's number of prompt boxes.
+        """
+        return as_streams(module(*args, **kwargs), len(self.streams))
+
+
+def as_streams(output: Any, expected: int) -> tuple[Tensor, ...]:
+    """A module output as a tuple of tensors; raises `ValueError` if it does not hold `expected` tensors."""
+    streams = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+    if len(streams) != expected or not all(isinstance(s, Tensor) for s in streams):
+        raise ValueError(f"expected {expected} tensor output(s), got {type(output).__name__} of {len(streams)}")
+    return streams
+
+
+def _short(path: str) -> str:
+    return path.replace(DECODER_SCOPE, "decoder", 1).replace(ENCODER_SCOPE, "encoder", 1)
+
+
+def _unit(path: str, kind: str, streams: tuple[str, ...] = SINGLE_STREAM) -> ReconUnit:
+    return ReconUnit(_short(path), path, kind, streams)
+
+
+def _decoder_blocks(sam: nn.Module) -> list[tuple[str, nn.Module]]:
+    scope = sam.get_submodule(DECODER_SCOPE)
+    return [(f"{DECODER_SCOPE}.{p}", m) for p, m in scope.named_modules()
+            if isinstance(m, transformer.TwoWayAttentionBlock)]
+
+
+def _final_attention(sam: nn.Module) -> ReconUnit:
+    path = f"{DECODER_SCOPE}.{FINAL_ATTENTION}"
+    if not isinstance(sam.get_submodule(path), DECODER_ATTENTION):
+        raise TypeError(f"'{path}' is not a decoder attention")
+    return _unit(path, "attention")
+
+
+def attention_mlp_units(sam: nn.Module) -> list[ReconUnit]:
+    """Each attention and MLP of every two-way block (call order), then the final attention."""
+    units = []
+    for block_path, block in _decoder_blocks(sam):
+        for name in BLOCK_ORDER:
+            child = block.get_submodule(name)
+            if isinstance(child, DECODER_ATTENTION):
+                units.append(_unit(f"{block_path}.{name}", "attention"))
+            elif isinstance(child, MLPBlock):
+                units.append(_unit(f"{block_path}.{name}", "mlp"))
+            else:
+                raise TypeError(f"'{block_path}.{name}' is a {type(child).__name__}, not an attention or MLP")
+    return units + [_final_attention(sam)]
+
+
+def block_units(sam: nn.Module) -> list[ReconUnit]:
+    """Each `TwoWayAttentionBlock` (two streams: queries, keys), then the final attention."""
+    units = [_unit(path, "block", BLOCK_STREAMS) for path, _ in _decoder_blocks(sam)]
+    return units + [_final_attention(sam)]
+
+
+def encoder_block_units(sam: nn.Module) -> list[ReconUnit]:
+    """Each image-encoder `Block`, in order."""
+    scope = sam.get_submodule(ENCODER_SCOPE)
+    return [_unit(f"{ENCODER_SCOPE}.{p}", "encoder_block") for p, m in scope.named_modules()
+            if isinstance(m, image_encoder.Block)]
+
+
+GROUPINGS: dict[str, Callable[[nn.Module], list[ReconUnit]]] = {
+    "attention_mlp": attention_mlp_units,
+    "block": block_units,
+    "encoder_block": encoder_block_units,
+}
+
+
+def find_units(sam: nn.Module, grouping: str) -> list[ReconUnit]:
+    """The units of `sam` for the grouping called `grouping` (see `GROUPINGS`), in reconstruction order."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown unit grouping '{grouping}'; valid: {', '.join(sorted(GROUPINGS))}")
+    units = GROUPINGS[grouping](sam)
+    logger.debug("grouping %s: %d units", grouping, len(units))
+    return units
+
+
+__all__ = ["GROUPINGS", "ReconUnit", "as_streams", "find_units"]
