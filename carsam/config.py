@@ -94,6 +94,52 @@ class DataConfig:
         return not self.images
 
 
+RECON_GROUPINGS = ("attention_mlp", "block")  # decoder groupings (carsam.recon.units.GROUPINGS)
+RECON_ENCODER_GROUPINGS = ("encoder_block", "none")
+RECON_INPUTS = ("fp", "quantized")  # carsam.recon.cache.INPUT_SOURCES
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconConfig:
+    """Block reconstruction of the `brecq`, `qdrop` and `ptq4sam` methods (carsam.methods.reconstruction).
+
+    `grouping` picks the decoder units (`attention_mlp`: PTQ4SAM's, or `block`); `encoder_grouping` the
+    image-encoder units when the encoder is quantized (`encoder_block`, or `none`: encoder weights keep
+    their RTN rounding). `iters` per unit defaults to 500 so the testbed rows run in minutes on a CPU;
+    the paper protocol is `recon.iters=20000`. `quant_prob` is QDrop's keep probability during a unit's
+    reconstruction (reset to 1 everywhere afterwards); `inputs` is where the unit inputs come from
+    (`quantized`: the partly reconstructed quantized model, as BRECQ/QDrop do). `agq_encoder`: also give
+    the image-encoder attentions AGQ's log quantizer (ptq4sam; off: the decoder's only).
+    """
+
+    grouping: str = "attention_mlp"
+    encoder_grouping: str = "encoder_block"
+    iters: int = 500
+    quant_prob: float = 0.5
+    alpha_lr: float = 1e-3
+    scale_lr: float = 4e-5
+    round_weight: float = 0.01
+    warmup: float = 0.2
+    inputs: str = "quantized"
+    seed: int = 0
+    agq_encoder: bool = False
+    curve_points: int = 50
+
+    def __post_init__(self) -> None:
+        for key, value, valid in (("grouping", self.grouping, RECON_GROUPINGS),
+                                  ("encoder_grouping", self.encoder_grouping, RECON_ENCODER_GROUPINGS),
+                                  ("inputs", self.inputs, RECON_INPUTS)):
+            if value not in valid:
+                raise ConfigError(f"recon.{key} must be one of {valid}, got '{value}'")
+        if self.iters < 1 or self.curve_points < 2:
+            raise ConfigError(f"recon.iters must be >= 1 and recon.curve_points >= 2, got {self.iters}, "
+                              f"{self.curve_points}")
+        if not 0.0 < self.quant_prob <= 1.0:
+            raise ConfigError(f"recon.quant_prob must be in (0, 1], got {self.quant_prob}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"recon.warmup must be in [0, 1), got {self.warmup}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one `carsam run` needs; written resolved into the run folder."""
@@ -106,6 +152,7 @@ class RunConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     quant: QuantConfig = QuantConfig()
+    recon: ReconConfig = ReconConfig()
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.match(self.device):
