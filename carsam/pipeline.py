@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import resource
@@ -72,10 +73,19 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """`file_sha256` memoised on (path, size, mtime): a sweep hashes a 2.5 GB vit_h checkpoint once."""
+    return file_sha256(Path(path))
+
+
 def model_description(model: ModelConfig) -> dict[str, Any]:
     """What the record says about the model: type, checkpoint path and its SHA-256."""
     checkpoint = Path(model.checkpoint) if model.checkpoint else TESTBED_CHECKPOINT
-    sha = file_sha256(checkpoint) if checkpoint.is_file() else "missing"
+    sha = "missing"
+    if checkpoint.is_file():
+        stat = checkpoint.stat()
+        sha = _cached_sha256(str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns)
     return {"type": model.type, "checkpoint": str(checkpoint), "sha256": sha}
 
 

@@ -52,8 +52,10 @@ def test_recipe_overfits_a_fixed_batch(small_coco):
 
     def loss() -> torch.Tensor:
         emb = sam.image_encoder(images)
-        parts = [segmentation_loss(*forward_boxes(sam, emb[i:i + 1], boxes[i])[:1], targets[i],
-                                   forward_boxes(sam, emb[i:i + 1], boxes[i])[1], 20.0)[0] for i in range(2)]
+        parts = []
+        for i in range(2):
+            logits, iou = forward_boxes(sam, emb[i:i + 1], boxes[i])
+            parts.append(segmentation_loss(logits, targets[i], iou, 20.0)[0])
         return torch.stack(parts).mean()
 
     first = loss()

@@ -153,12 +153,18 @@ def _validate_prompts(entries: object, path: Path, coco: COCO) -> list[dict]:
     return entries
 
 
+def xywh_to_xyxy(boxes_xywh: np.ndarray) -> np.ndarray:
+    """COCO [x, y, w, h] boxes (N, 4) -> float32 [x0, y0, x1, y1] (N, 4), a new array."""
+    boxes = np.asarray(boxes_xywh, dtype=np.float32).reshape(-1, 4).copy()
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes
+
+
 def _group_prompts(image_ids: np.ndarray, boxes_xywh: np.ndarray, scores: np.ndarray,
                    category_ids: np.ndarray) -> _Prompts:
     """Sort prompts by image id (stably) and index each image's rows; boxes become xyxy."""
     order = np.argsort(image_ids, kind="stable")
-    ids, boxes = image_ids[order], boxes_xywh[order].astype(np.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
+    ids, boxes = image_ids[order], xywh_to_xyxy(boxes_xywh[order])
     unique, starts, counts = np.unique(ids, return_index=True, return_counts=True)
     spans = {int(i): (int(s), int(s + c)) for i, s, c in zip(unique, starts, counts)}
     return _Prompts(boxes, scores[order].astype(np.float32), category_ids[order].astype(np.int64), spans)
@@ -289,8 +295,7 @@ class CocoBoxPrompts:
     def ground_truth(self, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Non-crowd GT: boxes (M, 4) float32 xyxy, masks (M, H, W) bool (decoded now), category ids (M,)."""
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
-        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
+        boxes = xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float32))
         if anns:  # like COCO.annToMask, but one decode call for all instances
             masks = mask_utils.decode([self.coco.annToRLE(a) for a in anns]).transpose(2, 0, 1).astype(bool)
         else:

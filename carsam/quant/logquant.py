@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from carsam.quant.observers import MinMaxObserver
-from carsam.quant.quantizers import QuantizerBase, QuantMode
+from carsam.quant.quantizers import ObservingQuantizer, QuantMode
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def log_levels(bits: int, tau: int, scale: float = 1.0) -> Tensor:
     return torch.cat([torch.zeros(1), torch.as_tensor(scale, dtype=torch.float32) * torch.exp2(-codes / tau)])
 
 
-class LogQuantizer(QuantizerBase):
+class LogQuantizer(ObservingQuantizer):
     """Fake quantizer on the levels `s * 2^(-k / tau)` (and 0), per tensor, for softmax probabilities.
 
     Args:
@@ -90,13 +90,6 @@ class LogQuantizer(QuantizerBase):
         self.observer = MinMaxObserver()
         self.register_buffer("scale", torch.empty(0) if scale is None else torch.tensor(float(scale)))
 
-    @property
-    def is_calibrated(self) -> bool:
-        return self.scale.numel() > 0
-
-    @property
-    def has_pending_calibration(self) -> bool:
-        return self.observer.has_data
 
     def finalize_calibration(self) -> None:
         """Set `scale` to the observed maximum (floored at a tiny positive value), reset the observer."""

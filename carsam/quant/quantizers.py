@@ -110,7 +110,24 @@ class QuantizerBase(nn.Module):
         return problems
 
 
-class UniformQuantizer(QuantizerBase):
+class ObservingQuantizer(QuantizerBase):
+    """A quantizer whose qparams come from an `observer` into a `scale` buffer (empty until calibrated).
+
+    Subclasses create `self.observer` and register the `scale` buffer.
+    """
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether `scale` holds values (from calibration, explicit setting or a state dict)."""
+        return self.scale.numel() > 0
+
+    @property
+    def has_pending_calibration(self) -> bool:
+        """Whether the observer holds data not yet turned into qparams."""
+        return self.observer.has_data
+
+
+class UniformQuantizer(ObservingQuantizer):
     """Uniform affine fake quantizer, per tensor (`ch_axis=None`) or per channel along `ch_axis`.
 
     Args:
@@ -148,15 +165,6 @@ class UniformQuantizer(QuantizerBase):
             kwargs.update(bits=self.bits, symmetric=self.symmetric)
         return kwargs
 
-    @property
-    def is_calibrated(self) -> bool:
-        """Whether `scale` and `zero_point` hold values (from calibration, `set_qparams` or a state dict)."""
-        return self.scale.numel() > 0
-
-    @property
-    def has_pending_calibration(self) -> bool:
-        """Whether the observer holds data not yet turned into qparams."""
-        return self.observer.has_data
 
     def forward(self, x: Tensor) -> Tensor:
         """FP: `x`; CALIBRATE: observe `x`, return it; QUANTIZED: fake-quantized `x` (QDrop-mixed with
