@@ -144,6 +144,66 @@ class ReconConfig:
             raise ConfigError(f"recon.warmup must be in [0, 1), got {self.warmup}")
 
 
+MAC_VARIANTS = ("qk", "pv", "both")
+MAC_TARGETS = ("token_to_image", "decoder", "all")  # t2i attentions only / every decoder attention / + encoder
+MAC_ORDERS = ("before", "after")  # relative to reconstruction
+
+
+@dataclasses.dataclass(frozen=True)
+class MacConfig:
+    """MatMul-Aware Compensation (carsam.methods.mac): closed-form corrections of q/k/v_proj.
+
+    `variant`: `qk` (q_proj then k_proj so that the scores with quantized operands match the FP
+    scores), `pv` (v_proj so that P_hat V' matches P V), or `both`. `strength` alpha in [0, 1]:
+    W <- W + alpha * dW. `damping`: ridge lambda relative to the mean diagonal of the normal matrix
+    (GPTQ's 1%). `targets`: which attentions. `order`: before or after reconstruction.
+    """
+
+    enabled: bool = False
+    variant: str = "both"
+    strength: float = 1.0
+    damping: float = 0.01
+    targets: str = "token_to_image"
+    order: str = "before"
+
+    def __post_init__(self) -> None:
+        for key, value, valid in (("variant", self.variant, MAC_VARIANTS), ("targets", self.targets, MAC_TARGETS),
+                                  ("order", self.order, MAC_ORDERS)):
+            if value not in valid:
+                raise ConfigError(f"mac.{key} must be one of {valid}, got '{value}'")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ConfigError(f"mac.strength must be in [0, 1], got {self.strength}")
+        if self.damping < 0.0:
+            raise ConfigError(f"mac.damping must be >= 0 (relative to the mean diagonal), got {self.damping}")
+
+
+JCAR_GROUPINGS = ("block", "pair", "chain")  # carsam.recon.units.GROUPINGS
+
+
+@dataclasses.dataclass(frozen=True)
+class JcarConfig:
+    """Joint Cross-Attention Reconstruction (carsam.methods.jcar): decoder units spanning coupled branches.
+
+    When enabled, the decoder units are `grouping`'s (instead of `recon.grouping`) and each unit's loss is
+    `w_tokens * MSE(queries) + w_image * MSE(keys)`, each a per-stream mean (7 token rows per box vs
+    thousands of image rows); `variance_weighting` also divides each stream's MSE by the variance of its
+    FP target over the unit's cache (a relative error).
+    """
+
+    enabled: bool = False
+    grouping: str = "pair"
+    w_tokens: float = 1.0
+    w_image: float = 1.0
+    variance_weighting: bool = False
+
+    def __post_init__(self) -> None:
+        if self.grouping not in JCAR_GROUPINGS:
+            raise ConfigError(f"jcar.grouping must be one of {JCAR_GROUPINGS}, got '{self.grouping}'")
+        if self.w_tokens < 0 or self.w_image < 0 or self.w_tokens + self.w_image == 0:
+            raise ConfigError(f"jcar.w_tokens and jcar.w_image must be >= 0 and not both 0, got "
+                              f"{self.w_tokens}, {self.w_image}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one `carsam run` needs; written resolved into the run folder."""
@@ -157,6 +217,8 @@ class RunConfig:
     data: DataConfig = DataConfig()
     quant: QuantConfig = QuantConfig()
     recon: ReconConfig = ReconConfig()
+    mac: MacConfig = MacConfig()
+    jcar: JcarConfig = JcarConfig()
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.match(self.device):
