@@ -94,7 +94,7 @@ class DataConfig:
         return not self.images
 
 
-RECON_GROUPINGS = ("attention_mlp", "block")  # decoder groupings (carsam.recon.units.GROUPINGS)
+RECON_GROUPINGS = ("attention_mlp", "block", "pair", "chain")  # decoder groupings (carsam.recon.units.GROUPINGS)
 RECON_ENCODER_GROUPINGS = ("encoder_block", "none")
 RECON_INPUTS = ("fp", "quantized")  # carsam.recon.cache.INPUT_SOURCES
 
@@ -114,6 +114,8 @@ class ReconConfig:
     reconstruction (reset to 1 everywhere afterwards); `inputs` is where the unit inputs come from
     (`quantized`: the partly reconstructed quantized model, as BRECQ/QDrop do). `agq_encoder`: also give
     the image-encoder attentions AGQ's log quantizer (ptq4sam; off: the decoder's only).
+    `track_interference`: after each decoder unit, record the quantized model's queries/keys error at
+    every decoder step on `interference_images` calibration images (the oscillation diagnostic).
     """
 
     grouping: str = "attention_mlp"
@@ -128,6 +130,8 @@ class ReconConfig:
     seed: int = 0
     agq_encoder: bool = False
     curve_points: int = 50
+    track_interference: bool = True
+    interference_images: int = 4
 
     def __post_init__(self) -> None:
         for key, value, valid in (("grouping", self.grouping, RECON_GROUPINGS),
@@ -135,6 +139,8 @@ class ReconConfig:
                                   ("inputs", self.inputs, RECON_INPUTS)):
             if value not in valid:
                 raise ConfigError(f"recon.{key} must be one of {valid}, got '{value}'")
+        if self.interference_images < 1:
+            raise ConfigError(f"recon.interference_images must be >= 1, got {self.interference_images}")
         if self.iters < 1 or self.curve_points < 2:
             raise ConfigError(f"recon.iters must be >= 1 and recon.curve_points >= 2, got {self.iters}, "
                               f"{self.curve_points}")

@@ -30,8 +30,12 @@ def test_overrides_win_over_experiment_file(tmp_path):
 def test_unknown_key_raises_and_names_it(tmp_path):
     with pytest.raises(ConfigError, match="quant.w_bitz"):
         resolve(_write(tmp_path, "quant: {w_bitz: 4}\n"))
-    with pytest.raises(ConfigError, match="mac"):
-        resolve(None, ["mac.strength=0.5"])
+    with pytest.raises(ConfigError, match="bogus"):
+        resolve(None, ["bogus.strength=0.5"])
+    with pytest.raises(ConfigError, match="mac.strength"):
+        resolve(None, ["mac.strength=1.5"])
+    with pytest.raises(ConfigError, match="jcar.grouping"):
+        resolve(None, ["jcar.grouping=attention_mlp"])
 
 
 @pytest.mark.parametrize("override", ["quant.w_bits=four", "quant.w_bits=4.5", "seed=true", "method=3"])

@@ -23,6 +23,14 @@ they keep RTN rounding.
 Records: `details["recon"]` holds the settings, the recipe (what was learned, QDrop p), the cache size,
 and per unit the first and last loss of each stream (`out`, or `queries`/`keys`, plus `round` and
 `total`) and a curve subsampled to at most `recon.curve_points` points.
+
+`reconstruct_model_` also takes, for callers such as JCAR: `settings_for(unit, cache)`, the stage
+settings of each unit (e.g. its stream weights and reduction; default `recon_settings(recon)` for all;
+the unit's record then holds its `stage` settings), and `track_interference`: the quantized model's
+per-step errors (`carsam.recon.interference.boundary_errors` on `interference_images` calibration
+images) once before the first decoder unit and after each reconstructed decoder unit, with every
+AdaRound layer in hard rounding, recorded as `interference: [{"after": "start" | unit name, "errors":
+{step: {"queries": mse, "keys": mse}}}, ...]`.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -41,7 +50,8 @@ from carsam.quant.adaround import adaround_modules, enable_adaround_, finalize_a
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import (QuantizerBase, UniformQuantizer, assert_eval_ready, iter_quantizers,
                                      set_quant_prob)
-from carsam.recon.cache import build_unit_cache
+from carsam.recon.cache import UnitCache, build_unit_cache
+from carsam.recon.interference import boundary_errors
 from carsam.recon.stage import ReconResult, ReconSettings, reconstruct_unit
 from carsam.recon.units import ReconUnit, find_units
 
@@ -50,6 +60,9 @@ if TYPE_CHECKING:
 
     from carsam.config import ReconConfig, RunConfig
     from carsam.data.coco import CocoBoxPrompts
+
+SettingsFor = Callable[[ReconUnit, UnitCache], ReconSettings]
+INTERFERENCE_START = "start"
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +144,11 @@ def unit_record(unit: ReconUnit, result: ReconResult, counts: dict[str, int], ca
 
 
 def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, recon: ReconConfig,
-                               recipe: UnitRecipe) -> dict[str, Any] | None:
-    """Steps 1-5 of the module docstring for one unit; None (and a log line) if it has nothing quantized."""
+                               recipe: UnitRecipe, settings_for: SettingsFor | None = None) -> dict[str, Any] | None:
+    """Steps 1-5 of the module docstring for one unit; None (and a log line) if it has nothing quantized.
+
+    settings_for: the unit's stage settings from the unit and its cache (None: `recon_settings(recon)`).
+    """
     module = unit.module(sam)
     if not roundable_layers(module) and not (recipe.learn_act_scales and activation_quantizers(module)):
         logger.info("recon %s: no quantized weight, skipped", unit.name)
@@ -140,10 +156,12 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
     set_soft_rounding(sam, False)
     cache = build_unit_cache(sam, unit, calib, inputs=recon.inputs)
     counts = prepare_unit_(module, recipe)
-    result = reconstruct_unit(sam, unit, cache, recon_settings(recon))
+    settings = recon_settings(recon) if settings_for is None else settings_for(unit, cache)
+    result = reconstruct_unit(sam, unit, cache, settings)
     set_soft_rounding(module, False)
     set_quant_prob(module, 1.0)
-    return unit_record(unit, result, counts, cache.nbytes / 2**20, recon.curve_points)
+    record = unit_record(unit, result, counts, cache.nbytes / 2**20, recon.curve_points)
+    return record if settings_for is None else {**record, "stage": dataclasses.asdict(settings)}
 
 
 def finish_(sam: nn.Module) -> int:
@@ -158,26 +176,50 @@ def finish_(sam: nn.Module) -> int:
     return baked
 
 
+def interference_entry(sam: nn.Module, calib: CocoBoxPrompts, after: str, images: int) -> dict[str, Any]:
+    """`{"after": after, "errors": boundary_errors(...)}` with every AdaRound layer in hard rounding.
+
+    QDrop needs no reset here: `boundary_errors` runs in eval mode, where `quant_prob` has no effect
+    (and each reconstructed unit was already set back to `quant_prob = 1`).
+    """
+    set_soft_rounding(sam, False)
+    return {"after": after, "errors": boundary_errors(sam, calib, images)}
+
+
 def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
-                       units: list[ReconUnit] | None = None) -> dict[str, Any]:
+                       units: list[ReconUnit] | None = None, *, settings_for: SettingsFor | None = None,
+                       track_interference: bool | None = None, interference_images: int | None = None
+                       ) -> dict[str, Any]:
     """Reconstruct `units` (default: `recon_units(sam, recon)`) of a calibrated `sam` in order, then `finish_`.
 
-    Returns the `recon` record: settings, per-unit records, totals and the largest unit cache.
+    settings_for: per-unit stage settings (None: `recon_settings(recon)`); track_interference: record
+    the per-step errors on `interference_images` images before and after the decoder units (module
+    docstring; None: `recon.track_interference` / `recon.interference_images`). Returns the `recon` record: settings, per-unit records, totals and the largest unit
+    cache, plus `interference` when tracked.
     """
     units = recon_units(sam, recon) if units is None else units
+    track_interference = recon.track_interference if track_interference is None else track_interference
+    interference_images = recon.interference_images if interference_images is None else interference_images
     start = time.perf_counter()
-    records = []
+    records: list[dict[str, Any]] = []
+    interference: list[dict[str, Any]] = []
     for unit in units:
-        record = reconstruct_unit_in_model_(sam, unit, calib, recon, recipe)
+        track = track_interference and not unit.in_encoder
+        if track and not interference:
+            interference.append(interference_entry(sam, calib, INTERFERENCE_START, interference_images))
+        record = reconstruct_unit_in_model_(sam, unit, calib, recon, recipe, settings_for)
         if record is not None:
             records.append(record)
+            if track:
+                interference.append(interference_entry(sam, calib, unit.name, interference_images))
     baked = finish_(sam)
     seconds = time.perf_counter() - start
     logger.info("reconstructed %d units (%d layers baked) in %.1fs", len(records), baked, seconds)
-    return {"settings": {**dataclasses.asdict(recon), "stage": dataclasses.asdict(recon_settings(recon))},
-            "recipe": dataclasses.asdict(recipe),
-            "num_units": len(records), "baked_layers": baked, "seconds": round(seconds, 3),
-            "max_cache_mib": max((r["cache_mib"] for r in records), default=0.0), "units": records}
+    summary = {"settings": {**dataclasses.asdict(recon), "stage": dataclasses.asdict(recon_settings(recon))},
+               "recipe": dataclasses.asdict(recipe),
+               "num_units": len(records), "baked_layers": baked, "seconds": round(seconds, 3),
+               "max_cache_mib": max((r["cache_mib"] for r in records), default=0.0), "units": records}
+    return {**summary, "interference": interference} if track_interference else summary
 
 
 def quantize_calibrate_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
@@ -209,6 +251,7 @@ def apply_qdrop(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str,
 register(Method("brecq", apply_brecq, summary="BRECQ: AdaRound block reconstruction, activations fixed"))
 register(Method("qdrop", apply_qdrop, summary="QDrop: AdaRound + LSQ activation steps + random drop (p=0.5)"))
 
-__all__ = ["UnitRecipe", "activation_quantizers", "apply_brecq", "apply_qdrop", "finish_", "prepare_unit_",
+__all__ = ["INTERFERENCE_START", "SettingsFor", "UnitRecipe", "activation_quantizers", "apply_brecq", "apply_qdrop",
+           "finish_", "interference_entry", "prepare_unit_",
            "qdrop_recipe", "quantize_calibrate_", "recon_settings", "recon_units", "reconstruct_model_",
            "roundable_layers", "subsample"]

@@ -23,6 +23,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from carsam.quant.fp_reference import remember_fp_
 from carsam.quant.modules import QuantConv2d, QuantLinear
 from carsam.quant.primitives import broadcast_to_axis
 from carsam.quant.quantizers import QuantizerBase, QuantMode, UniformQuantizer
@@ -141,7 +142,9 @@ def set_soft_rounding(model: nn.Module, soft: bool) -> None:
 
 
 def _bake(layer: WeightLayer, adaround: AdaRoundQuantizer) -> None:
-    """Write the hard-rounded weight into `layer.weight` and put the original quantizer back."""
+    """Write the hard-rounded weight into `layer.weight` (the original kept as its FP reference) and put the
+    original quantizer back."""
+    remember_fp_(layer, "weight")  # FP-mode passes after baking still see the original weight
     with torch.no_grad():
         layer.weight.copy_(adaround.rounded(layer.weight, soft=False))
     original: UniformQuantizer = adaround.original

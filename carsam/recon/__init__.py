@@ -1,2 +1,4 @@
-"""Reconstruction machinery: units (`units`), block I/O cache (`cache`), losses and schedules, and the
-Lightning stage that reconstructs one unit (`stage`). No method-specific logic lives here."""
+"""Reconstruction machinery: units (`units`), the decoder's step decomposition and span units (`spans`),
+block I/O cache (`cache`), losses and schedules, the Lightning stage that reconstructs one unit
+(`stage`), and the per-step error record of cross-branch interference (`interference`). No
+method-specific logic lives here."""

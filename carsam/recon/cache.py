@@ -7,6 +7,11 @@ with all its boxes (decoder units: batch B = the image's boxes; encoder units: b
 `inputs="quantized"` (QDrop/BRECQ), the inputs come from a second pass of the model with its
 quantizers as the caller left them; the targets always come from the FP pass.
 
+A span unit (`ReconUnit.steps`, see `carsam.recon.spans`) has no module of its own: a forward pre-hook
+on the decoder transformer runs the step decomposition on the transformer's inputs (under no_grad, in
+the pass's quantizer modes) and records the state at the span's start (kwargs queries, keys,
+query_pe, key_pe) and the (queries, keys) at its end. The transformer's own forward then runs as usual.
+
 Samples are kept on CPU (a list, since B varies per image) and moved to a device one at a time
 (`UnitCache.sample(i, device)`); `nbytes` is logged when the cache is built.
 """
@@ -24,7 +29,9 @@ from torch import Tensor, nn
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.eval.inference import SamBoxPredictor
+from carsam.quant.fp_reference import fp_weights
 from carsam.quant.quantizers import QuantMode, QuantizerBase, iter_quantizers
+from carsam.recon.spans import span_states, transformer_inputs
 from carsam.recon.units import ReconUnit, as_streams
 
 logger = logging.getLogger(__name__)
@@ -149,6 +156,31 @@ class _Recorder:
             handle.remove()
 
 
+class _SpanRecorder(_Recorder):
+    """A forward pre-hook on the decoder transformer that records a span's start state and/or end state."""
+
+    def __init__(self, transformer: nn.Module, steps: tuple[str, ...], inputs: bool, outputs: bool,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__(transformer, inputs=False, outputs=False, dtype=dtype)
+        self.steps, self.want_inputs, self.want_outputs = steps, inputs, outputs
+        self.handles.append(transformer.register_forward_pre_hook(self._span, with_kwargs=True))
+
+    def _span(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        with torch.no_grad():
+            start, end = span_states(module, self.steps, *transformer_inputs(args, kwargs), end=self.want_outputs)
+        if self.want_inputs:
+            self.calls_in.append(((), _map(start._asdict(), self._store)))
+        if end is not None:
+            self.calls_out.append(_map((end.queries, end.keys), self._store))
+
+
+def _recorder(sam: nn.Module, unit: ReconUnit, inputs: bool, outputs: bool, dtype: torch.dtype | None) -> _Recorder:
+    """The hooks that record `unit`'s I/O: on its root module, or on the transformer for a span unit."""
+    if unit.steps:
+        return _SpanRecorder(sam.get_submodule(unit.path), unit.steps, inputs, outputs, dtype)
+    return _Recorder(unit.module(sam), inputs, outputs, dtype)
+
+
 def _cat(items: list[Any]) -> Any:
     """Merge the same argument of several calls (box chunks): tensors concatenated on dim 0."""
     first = items[0]
@@ -165,20 +197,24 @@ def _cat(items: list[Any]) -> Any:
 def quant_modes_set(model: nn.Module, mode: QuantMode | None) -> Iterator[None]:
     """Put every quantizer of `model` in `mode` (None: leave them), restoring each one's mode after.
 
-    Assigns `quantizer.mode` directly, so no pending calibration is finalized on the way.
+    Assigns `quantizer.mode` directly, so no pending calibration is finalized on the way. In FP mode the
+    Parameters a method changed in place hold their original values too (`fp_weights`), so the block
+    runs the FP model.
     """
     saved: list[tuple[QuantizerBase, QuantMode]] = [(q, q.mode) for _, q in iter_quantizers(model)]
     try:
         if mode is not None:
             for quantizer, _ in saved:
                 quantizer.mode = mode
-        yield
+        with fp_weights(model) if mode is QuantMode.FP else contextlib.nullcontext():
+            yield
     finally:
         for quantizer, previous in saved:
             quantizer.mode = previous
 
 
-def _run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int, encoder_only: bool) -> None:
+def run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int, encoder_only: bool) -> None:
+    """Run one calibration image through the model as the protocol does (no-op if it has no prompt box)."""
     boxes = calib.prompts(image_id)[0]
     if len(boxes) == 0:
         return
@@ -190,14 +226,14 @@ def _run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int,
 def _capture_pass(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, mode: QuantMode | None,
                   inputs: bool, outputs: bool, dtype: torch.dtype | None) -> list[tuple[Any, Any]]:
     """One pass over `calib` with quantizers in `mode`: per image with prompts, (inputs, outputs)."""
-    recorder = _Recorder(unit.module(sam), inputs, outputs, dtype)
+    recorder = _recorder(sam, unit, inputs, outputs, dtype)
     predictor, per_image = SamBoxPredictor(sam), []
     was_training = sam.training
     sam.eval()
     try:
         with quant_modes_set(sam, mode), torch.no_grad():
             for image_id in calib.image_ids:
-                _run_image(predictor, calib, image_id, unit.in_encoder)
+                run_image(predictor, calib, image_id, unit.in_encoder)
                 calls_in, calls_out = recorder.pop()
                 if calls_in or calls_out:
                     per_image.append((_cat(calls_in) if calls_in else None, _cat(calls_out) if calls_out else None))
@@ -228,4 +264,4 @@ def build_unit_cache(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, *, 
     return cache
 
 
-__all__ = ["INPUT_SOURCES", "UnitCache", "UnitSample", "build_unit_cache", "quant_modes_set"]
+__all__ = ["INPUT_SOURCES", "UnitCache", "UnitSample", "build_unit_cache", "quant_modes_set", "run_image"]

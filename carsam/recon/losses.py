@@ -2,16 +2,22 @@
 
 `stream_losses` returns one scalar per output stream so a caller can weight them (a block's queries
 are 7 rows per box, its keys thousands: a per-stream mean keeps both on the same scale).
+`stream_target_variance` gives each stream's FP-target variance over a unit's cache, for weights that
+make each stream's MSE a relative error (JCAR's `variance_weighting`, `carsam.methods.jcar`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from carsam.quant.adaround import AdaRoundQuantizer
+
+if TYPE_CHECKING:
+    from carsam.recon.cache import UnitCache
 
 
 REDUCTIONS = ("mean", "qdrop")
@@ -51,10 +57,33 @@ def weighted_sum(losses: Mapping[str, Tensor], weights: Mapping[str, float] | No
     return torch.stack([weights.get(name, 1.0) * loss for name, loss in losses.items()]).sum()
 
 
+def pooled_variance(tensors: Sequence[Tensor]) -> float:
+    """Population variance (divide by the count) of all elements of `tensors` together, in float64."""
+    count = sum(t.numel() for t in tensors)
+    if count == 0:
+        raise ValueError("the variance of no element is undefined")
+    mean = sum(float(t.double().sum()) for t in tensors) / count
+    return sum(float((t.double() - mean).square().sum()) for t in tensors) / count
+
+
+def stream_target_variance(cache: UnitCache) -> dict[str, float]:
+    """`{stream: variance}` of each stream's FP targets, pooled over every element of every sample.
+
+    Raises `ValueError` if a stream's targets are constant (the variance would divide a weight by 0).
+    """
+    variances = {}
+    for index, name in enumerate(cache.unit.streams):
+        variances[name] = pooled_variance([sample.targets[index] for sample in cache.samples])
+        if not variances[name] > 0.0:
+            raise ValueError(f"the FP targets of stream '{name}' of unit '{cache.unit.name}' have no variance")
+    return variances
+
+
 def rounding_regularizer(quantizers: Iterable[AdaRoundQuantizer], beta: float) -> Tensor:
     """`sum over quantizers and weights of (1 - |2h(alpha) - 1|^beta)`, unweighted. Scalar (0 if none)."""
     terms = [q.regularizer(beta) for q in quantizers]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-__all__ = ["REDUCTIONS", "lp_error", "rounding_regularizer", "stream_losses", "weighted_sum"]
+__all__ = ["REDUCTIONS", "lp_error", "pooled_variance", "rounding_regularizer", "stream_losses",
+           "stream_target_variance", "weighted_sum"]

@@ -7,11 +7,22 @@ of the same subtree. The groupings (the one place that defines them, `GROUPINGS`
 - `attention_mlp` (PTQ4SAM): each attention and each MLP of the decoder's two-way blocks, in call
   order (self, token->image, MLP, image->token), then the final token->image attention;
 - `block`: each `TwoWayAttentionBlock` of the decoder, then the final token->image attention;
+- `pair` (JCAR): per layer, its self-attention alone, then a span of its token->image attention, MLP
+  and image->token attention (the two cross-attentions coupled through the MLP); then the final
+  attention alone;
+- `chain` (JCAR): layer 0's self-attention, token->image attention and MLP alone, then per layer i a
+  span of layer i's image->token attention with layer i+1's self-attention and token->image attention
+  (the keys written by image->token are read by the next token->image), layer i+1's MLP alone, and
+  for the last layer a span of its image->token attention with the final attention. With depth L:
+  3 single units, then L chain spans and L - 1 MLPs, interleaved;
 - `encoder_block`: each image-encoder `Block`.
 
 Modules are matched by class (segment_anything's and carsam's quantized twins), never by name; the
 only names used are the two scopes of `carsam.models.quantize`. A unit runs itself on cached inputs
-(`ReconUnit.run`) and returns its output streams as a tuple: a block gives (queries, keys).
+(`ReconUnit.run`) and returns its output streams as a tuple: a block or span gives (queries, keys).
+Span units (`pair`, `chain`) have `steps`, names of `carsam.recon.spans` steps; their root module is
+the decoder transformer and `ReconUnit.module` returns a `DecoderSpan` holding just those steps'
+modules, so the stage optimises the quantizers of those steps only.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from torch import Tensor, nn
 
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
+from carsam.recon.spans import DecoderSpan, DecoderStep, final_step, layer_steps
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +55,23 @@ class ReconUnit:
     """One reconstruction unit.
 
     name: short label for records (`decoder.layers.0.self_attn`); path: the root module's path in the
-    SAM (`mask_decoder.transformer.layers.0.self_attn`); kind: `attention`, `mlp`, `block` or
-    `encoder_block`; streams: names of the output streams, in the order the module returns them.
+    SAM (`mask_decoder.transformer.layers.0.self_attn`); kind: `attention`, `mlp`, `block`, `pair`,
+    `chain` or `encoder_block`; streams: names of the output streams, in the order the module returns
+    them; steps: for a span unit, the names of its decoder steps (`carsam.recon.spans`; `path` is then
+    the decoder transformer's), empty otherwise.
     """
 
     name: str
     path: str
     kind: str
     streams: tuple[str, ...] = SINGLE_STREAM
+    steps: tuple[str, ...] = ()
 
     def module(self, model: nn.Module) -> nn.Module:
-        """The unit's root module inside `model` (the SAM the unit was found in)."""
-        return model.get_submodule(self.path)
+        """The unit's module inside `model` (the SAM the unit was found in): its root module, or for a
+        span unit a fresh `DecoderSpan` holding (by reference) the modules of its steps."""
+        root = model.get_submodule(self.path)
+        return DecoderSpan.from_transformer(root, self.steps) if self.steps else root
 
     @property
     def in_encoder(self) -> bool:
@@ -64,8 +81,8 @@ class ReconUnit:
     def run(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
         """Call the unit's root `module` on cached inputs; the outputs as a tuple, one per stream.
 
-        Decoder attention: q `(B, Nq, E)`, k/v `(B, Nk, E)` -> `((B, Nq, E),)`; decoder block: queries
-        `(B, Nq, E)`, keys `(B, Nk, E)`, query_pe, key_pe -> `(queries, keys)`; encoder block:
+        Decoder attention: q `(B, Nq, E)`, k/v `(B, Nk, E)` -> `((B, Nq, E),)`; decoder block or span:
+        queries `(B, Nq, E)`, keys `(B, Nk, E)`, query_pe, key_pe -> `(queries, keys)`; encoder block:
         x `(1, H, W, C)` -> `((1, H, W, C),)`. B = the image's number of prompt boxes.
         """
         return as_streams(module(*args, **kwargs), len(self.streams))
@@ -121,6 +138,41 @@ def block_units(sam: nn.Module) -> list[ReconUnit]:
     return units + [_final_attention(sam)]
 
 
+def _step_unit(step: DecoderStep) -> ReconUnit:
+    """A single-step unit: the step's attention or MLP alone (as in `attention_mlp`)."""
+    return _unit(f"{DECODER_SCOPE}.{step.name}", "mlp" if step.kind == "mlp" else "attention")
+
+
+def _span_unit(label: str, kind: str, steps: list[DecoderStep]) -> ReconUnit:
+    """A span unit `decoder.{label}` over `steps` (two streams: queries, keys)."""
+    return ReconUnit(f"decoder.{label}", DECODER_SCOPE, kind, BLOCK_STREAMS, tuple(s.name for s in steps))
+
+
+def pair_units(sam: nn.Module) -> list[ReconUnit]:
+    """Per layer i: `layers.i.self_attn`, then the span `decoder.layers.i.pair` (token->image, MLP,
+    image->token); then the final attention."""
+    transformer = sam.get_submodule(DECODER_SCOPE)
+    units = []
+    for i, (self_attn, *rest) in enumerate(layer_steps(transformer)):
+        units += [_step_unit(self_attn), _span_unit(f"layers.{i}.pair", "pair", rest)]
+    return units + [_step_unit(final_step(transformer))]
+
+
+def chain_units(sam: nn.Module) -> list[ReconUnit]:
+    """Layer 0's self-attention, token->image and MLP alone; then per layer i the span
+    `decoder.layers.i.chain` (layer i's image->token, then layer i+1's self-attention and token->image,
+    or for the last layer the final attention), each followed by layer i+1's MLP alone."""
+    transformer = sam.get_submodule(DECODER_SCOPE)
+    layers = layer_steps(transformer)
+    units = [_step_unit(step) for step in layers[0][:3]]
+    for i, layer in enumerate(layers):
+        following = layers[i + 1][:2] if i + 1 < len(layers) else [final_step(transformer)]
+        units.append(_span_unit(f"layers.{i}.chain", "chain", [layer[3], *following]))
+        if i + 1 < len(layers):
+            units.append(_step_unit(layers[i + 1][2]))
+    return units
+
+
 def encoder_block_units(sam: nn.Module) -> list[ReconUnit]:
     """Each image-encoder `Block`, in order."""
     scope = sam.get_submodule(ENCODER_SCOPE)
@@ -131,6 +183,8 @@ def encoder_block_units(sam: nn.Module) -> list[ReconUnit]:
 GROUPINGS: dict[str, Callable[[nn.Module], list[ReconUnit]]] = {
     "attention_mlp": attention_mlp_units,
     "block": block_units,
+    "pair": pair_units,
+    "chain": chain_units,
     "encoder_block": encoder_block_units,
 }
 
@@ -144,4 +198,4 @@ def find_units(sam: nn.Module, grouping: str) -> list[ReconUnit]:
     return units
 
 
-__all__ = ["GROUPINGS", "ReconUnit", "as_streams", "find_units"]
+__all__ = ["BLOCK_STREAMS", "GROUPINGS", "ReconUnit", "as_streams", "find_units"]

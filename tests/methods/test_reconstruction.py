@@ -23,7 +23,7 @@ from carsam.recon.losses import lp_error
 from carsam.recon.units import find_units
 from tests.conftest import experiment
 
-FAST = ReconConfig(iters=10)
+FAST = ReconConfig(iters=10, track_interference=False)  # interference: tests/recon/test_interference.py
 
 
 @pytest.fixture(scope="module")
