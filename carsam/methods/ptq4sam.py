@@ -182,14 +182,22 @@ def adopt_log_softmax_(sam: nn.Module, calib: CocoBoxPrompts, encoder: bool = Fa
     return report
 
 
-def apply_ptq4sam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
-    """PTQ4SAM: BIG and AGQ on the FP-mode quantized model, calibration, then QDrop reconstruction."""
+def prepare_ptq4sam_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring (quantize, BIG, AGQ, calibrate): PTQ4SAM before reconstruction.
+
+    Returns the details `big`, `agq`, `num_quantizers` and `calib_images`. CAR-SAM starts from here too.
+    """
     quantize_(sam, config.quant)
     big = integrate_bimodal_keys_(sam, calib) if config.quant.quantize_decoder else {}
     agq = adopt_log_softmax_(sam, calib, encoder=config.recon.agq_encoder and config.quant.quantize_encoder)
     calibrate_(sam, calib)
-    details: dict[str, Any] = {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib),
-                               "big": big, "agq": agq}
+    return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib), "big": big,
+            "agq": agq}
+
+
+def apply_ptq4sam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+    """PTQ4SAM: BIG and AGQ on the FP-mode quantized model, calibration, then QDrop reconstruction."""
+    details = prepare_ptq4sam_(sam, calib, config)
     details["recon"] = reconstruct_model_(sam, calib, config.recon, qdrop_recipe(config))
     return details
 
@@ -198,4 +206,4 @@ register(Method("ptq4sam", apply_ptq4sam,
                 summary="PTQ4SAM: QDrop reconstruction + bimodal sign folding + log softmax quantizer (AGQ)"))
 
 __all__ = ["adopt_log_softmax_", "apply_ptq4sam", "collect_keys", "fp_calibration_pass", "integrate_bimodal_keys_",
-           "softmax_attentions", "token_to_image_attentions"]
+           "prepare_ptq4sam_", "softmax_attentions", "token_to_image_attentions"]

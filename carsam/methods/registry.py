@@ -59,4 +59,4 @@ def method_names() -> tuple[str, ...]:
 
 def _load_builtin() -> None:
     """Import the built-in methods (each registers itself) the first time the registry is read."""
-    from carsam.methods import baselines, ptq4sam, range_search, reconstruction  # noqa: F401
+    from carsam.methods import baselines, carsam, ptq4sam, range_search, reconstruction  # noqa: F401
