@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from carsam.data.coco import CocoBoxPrompts
+from carsam.recon.cache import UnitCache, quant_modes_set
+from carsam.recon.losses import lp_error
+from carsam.quant.quantizers import QuantMode
 
 from carsam.data.synthetic import SyntheticSpec, generate_split
 from carsam.models.sam import build_testbed_sam
@@ -51,3 +57,28 @@ def real_data_overrides(paths: dict[str, Path], **replace: Path) -> list[str]:
 def write_json(path: Path, obj: object) -> Path:
     path.write_text(json.dumps(obj))
     return path
+
+
+@pytest.fixture(scope="module")
+def calib2(small_coco) -> CocoBoxPrompts:
+    """Two calibration images (GT-box prompts) of the small synthetic set."""
+    pool = CocoBoxPrompts(small_coco["calib_images"], small_coco["calib_annotations"], None, prompt_source="gt_boxes")
+    return pool.subset(2, seed=0, require_prompts=True)
+
+
+def cached_unit_loss(sam: nn.Module, cache: UnitCache) -> float:
+    """Mean over the cache's samples of the sum over streams of the unit's MSE against its FP targets
+    (the unit as it is now: hard rounding, eval mode, no gradient)."""
+    module = cache.unit.module(sam)
+    module.eval()
+    with torch.no_grad():
+        losses = [sum(lp_error(o, t).item() for o, t in zip(cache.unit.run(module, s.args, s.kwargs), s.targets))
+                  for s in cache.samples]
+    return sum(losses) / len(losses)
+
+
+def rerun_fp(sam: nn.Module, cache: UnitCache) -> list[tuple[torch.Tensor, ...]]:
+    """The unit's outputs on each cached sample's inputs with every quantizer of `sam` in FP mode."""
+    unit = cache.unit
+    with quant_modes_set(sam, QuantMode.FP), torch.no_grad():
+        return [unit.run(unit.module(sam), s.args, s.kwargs) for s in cache.samples]

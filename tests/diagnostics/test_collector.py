@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 

@@ -13,7 +13,6 @@ from segment_anything.modeling import Sam, image_encoder, transformer
 from torch import Tensor
 
 from carsam.config import MacConfig, RunConfig
-from carsam.data.coco import CocoBoxPrompts
 from carsam.quant.fp_reference import fp_references
 from carsam.methods.mac import apply_mac_, attention_errors, correct_attention_, mac_attentions
 from carsam.methods.mac_math import MacError, score_error_terms, solve_ridge
@@ -210,13 +209,6 @@ def test_singular_system_without_damping_names_the_attention_and_mac_damping():
 
 
 # ---------------------------------------------------------------- the random testbed, end to end
-
-@pytest.fixture(scope="module")
-def calib2(small_coco) -> CocoBoxPrompts:
-    """Two calibration images (GT-box prompts) of the small synthetic set."""
-    pool = CocoBoxPrompts(small_coco["calib_images"], small_coco["calib_annotations"], None, prompt_source="gt_boxes")
-    return pool.subset(2, seed=0, require_prompts=True)
-
 
 @pytest.fixture(scope="module")
 def quantized_testbed(random_testbed_checkpoint, calib2) -> Sam:

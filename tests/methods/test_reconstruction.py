@@ -7,7 +7,6 @@ import torch
 from segment_anything.modeling import Sam
 
 from carsam.config import ConfigError, ReconConfig, RunConfig, resolve
-from carsam.data.coco import CocoBoxPrompts
 from carsam.methods.big import fold_signs_
 from carsam.methods.ptq4sam import fp_calibration_pass, integrate_bimodal_keys_, token_to_image_attentions
 from carsam.methods.reconstruction import UnitRecipe, quantize_calibrate_, reconstruct_model_, subsample
@@ -19,18 +18,10 @@ from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.logquant import TAUS, LogQuantizer
 from carsam.quant.quantizers import QuantMode, assert_eval_ready, iter_quantizers
 from carsam.recon.cache import build_unit_cache
-from carsam.recon.losses import lp_error
 from carsam.recon.units import find_units
-from tests.conftest import experiment
+from tests.conftest import cached_unit_loss, experiment
 
 FAST = ReconConfig(iters=10, track_interference=False)  # interference: tests/recon/test_interference.py
-
-
-@pytest.fixture(scope="module")
-def calib2(small_coco) -> CocoBoxPrompts:
-    """Two calibration images (GT-box prompts) of the small synthetic set."""
-    pool = CocoBoxPrompts(small_coco["calib_images"], small_coco["calib_annotations"], None, prompt_source="gt_boxes")
-    return pool.subset(2, seed=0, require_prompts=True)
 
 
 def _apply(method: str, checkpoint, calib, quant: QuantConfig = QuantConfig()) -> tuple[Sam, dict]:
@@ -139,14 +130,6 @@ def test_fold_signs_is_an_involution_on_a_quantized_twin(random_testbed_checkpoi
     assert torch.equal(attn.q_proj.weight, weight)
 
 
-def _unit_loss(sam: Sam, cache) -> float:
-    module = cache.unit.module(sam)
-    module.eval()
-    with torch.no_grad():
-        losses = [lp_error(cache.unit.run(module, s.args, s.kwargs)[0], s.targets[0]).item() for s in cache.samples]
-    return sum(losses) / len(losses)
-
-
 def test_brecq_reconstruction_lowers_a_unit_loss_from_rtn(random_testbed_checkpoint, calib2):
     torch.manual_seed(0)
     sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
@@ -154,11 +137,11 @@ def test_brecq_reconstruction_lowers_a_unit_loss_from_rtn(random_testbed_checkpo
     quantize_calibrate_(sam, calib2, config)
     unit = find_units(sam, "attention_mlp")[2]  # layers.0.mlp (see the report: attention units need more)
     cache = build_unit_cache(sam, unit, calib2, inputs="quantized")
-    rtn = _unit_loss(sam, cache)
+    rtn = cached_unit_loss(sam, cache)
     recon = ReconConfig(iters=120, alpha_lr=1e-2)
     record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit])
     assert record["num_units"] == 1 and record["baked_layers"] == 2
-    assert _unit_loss(sam, cache) < rtn
+    assert cached_unit_loss(sam, cache) < rtn
 
 
 def test_subsample_keeps_ends_and_caps_length():

@@ -8,17 +8,9 @@ import pytest
 import torch
 from segment_anything.modeling import Sam
 
-from carsam.data.coco import CocoBoxPrompts
 from carsam.methods.calibrate import calibrate_
 from carsam.models.quantize import QuantConfig, quantize_
 from carsam.models.sam import build_testbed_from_checkpoint
-
-
-@pytest.fixture(scope="module")
-def calib2(small_coco) -> CocoBoxPrompts:
-    """Two calibration images (GT-box prompts) of the small synthetic set."""
-    pool = CocoBoxPrompts(small_coco["calib_images"], small_coco["calib_annotations"], None, prompt_source="gt_boxes")
-    return pool.subset(2, seed=0, require_prompts=True)
 
 
 @pytest.fixture(scope="module")

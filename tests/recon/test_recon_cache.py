@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from carsam.quant.quantizers import QuantMode, quant_modes
-from carsam.recon.cache import build_unit_cache, quant_modes_set
+from carsam.recon.cache import build_unit_cache
 from carsam.recon.units import find_units
-
-
-def _rerun(sam, cache):
-    unit = cache.unit
-    with quant_modes_set(sam, QuantMode.FP), torch.no_grad():
-        return [unit.run(unit.module(sam), s.args, s.kwargs) for s in cache.samples]
+from tests.conftest import rerun_fp
 
 
 @pytest.mark.parametrize("grouping,index", [("attention_mlp", 1), ("attention_mlp", 2), ("block", 0), ("block", 2)])
@@ -21,7 +16,7 @@ def test_fp_unit_on_cached_fp_inputs_reproduces_cached_targets_exactly(qsam, cal
     unit = find_units(qsam, grouping)[index]
     cache = build_unit_cache(qsam, unit, calib2)
     assert len(cache) == 2
-    for sample, outputs in zip(cache.samples, _rerun(qsam, cache)):
+    for sample, outputs in zip(cache.samples, rerun_fp(qsam, cache)):
         assert len(outputs) == len(unit.streams) == len(sample.targets)
         for out, target in zip(outputs, sample.targets):
             assert torch.equal(out, target)
@@ -53,7 +48,7 @@ def test_encoder_block_cache_reproduces_targets(random_testbed_checkpoint, calib
     sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
     cache = build_unit_cache(sam, find_units(sam, "encoder_block")[1], calib2)
     assert cache.samples[0].args[0].shape == (1, 16, 16, 128)
-    for sample, outputs in zip(cache.samples, _rerun(sam, cache)):
+    for sample, outputs in zip(cache.samples, rerun_fp(sam, cache)):
         assert torch.equal(outputs[0], sample.targets[0])
 
 

@@ -17,10 +17,10 @@ from carsam.models.sam import build_testbed_from_checkpoint, build_testbed_sam
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.quantizers import QuantMode, quant_modes
 from carsam.recon.cache import build_unit_cache, quant_modes_set
-from carsam.recon.losses import lp_error
 from carsam.recon.spans import (DecoderSpan, decoder_steps, prologue, run_from, run_steps, span_states,
                                 step_names)
 from carsam.recon.units import DECODER_ATTENTION, find_units
+from tests.conftest import cached_unit_loss, rerun_fp
 
 T = "mask_decoder.transformer"
 PAIR = ["decoder.layers.0.self_attn", "decoder.layers.0.pair", "decoder.layers.1.self_attn", "decoder.layers.1.pair",
@@ -174,18 +174,12 @@ def test_groupings_cover_the_quantized_testbed_once(qsam):
         assert sorted(map(id, ops)) == sorted(map(id, _decoder_ops(qsam.mask_decoder.transformer)))
 
 
-def _rerun(sam, cache):
-    unit = cache.unit
-    with quant_modes_set(sam, QuantMode.FP), torch.no_grad():
-        return [unit.run(unit.module(sam), s.args, s.kwargs) for s in cache.samples]
-
-
 @pytest.mark.parametrize("grouping,index", [("pair", 1), ("pair", 3), ("chain", 3), ("chain", 5)])
 def test_span_cache_targets_equal_the_fp_span_on_its_fp_inputs(qsam, calib2, grouping, index):
     unit = find_units(qsam, grouping)[index]
     cache = build_unit_cache(qsam, unit, calib2)
     assert len(cache) == 2 and cache.num_prompts == calib2.num_prompts
-    for sample, outputs in zip(cache.samples, _rerun(qsam, cache)):
+    for sample, outputs in zip(cache.samples, rerun_fp(qsam, cache)):
         assert sample.args == () and set(sample.kwargs) == {"queries", "keys", "query_pe", "key_pe"}
         assert sample.targets[0].shape == sample.kwargs["queries"].shape
         assert sample.targets[1].shape == sample.kwargs["keys"].shape and sample.targets[1].device.type == "cpu"
@@ -224,16 +218,6 @@ def test_span_cache_restores_modes_and_removes_hooks(qsam, calib2):
     assert not transformer._forward_hooks and not transformer._forward_pre_hooks
 
 
-def _span_loss(sam, cache) -> float:
-    """Mean over samples of the sum of the per-stream MSEs (hard rounding, eval mode)."""
-    module = cache.unit.module(sam)
-    module.eval()
-    with torch.no_grad():
-        losses = [sum(lp_error(o, t).item() for o, t in zip(cache.unit.run(module, s.args, s.kwargs), s.targets))
-                  for s in cache.samples]
-    return sum(losses) / len(losses)
-
-
 def test_pair_reconstruction_lowers_the_span_loss_from_rtn(random_testbed_checkpoint, calib2):
     torch.manual_seed(0)
     sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
@@ -241,7 +225,7 @@ def test_pair_reconstruction_lowers_the_span_loss_from_rtn(random_testbed_checkp
     quantize_calibrate_(sam, calib2, config)
     unit = find_units(sam, "pair")[1]  # layers.0: token->image, MLP, image->token
     cache = build_unit_cache(sam, unit, calib2, inputs="quantized")
-    rtn = _span_loss(sam, cache)
+    rtn = cached_unit_loss(sam, cache)
     recon = ReconConfig(iters=60, alpha_lr=1e-2)
     settings_for = jcar_settings_for(recon_settings(recon), JcarConfig(enabled=True))
     record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit], settings_for=settings_for)
@@ -250,4 +234,4 @@ def test_pair_reconstruction_lowers_the_span_loss_from_rtn(random_testbed_checkp
     unit_record = record["units"][0]
     assert unit_record["kind"] == "pair" and set(unit_record["last"]) == {"queries", "keys", "round", "total"}
     assert unit_record["stage"]["reduction"] == "mean"
-    assert _span_loss(sam, cache) < rtn
+    assert cached_unit_loss(sam, cache) < rtn

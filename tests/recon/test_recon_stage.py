@@ -11,18 +11,9 @@ from carsam.quant.adaround import enable_adaround_, set_soft_rounding
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantMode, UniformQuantizer, set_quant_prob
 from carsam.recon.cache import build_unit_cache
-from carsam.recon.losses import lp_error
 from carsam.recon.stage import ReconSettings, ReconstructionStage, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
-
-
-def _unit_loss(sam, cache) -> float:
-    """Mean over samples of the unit's MSE against its FP targets, deterministic (eval mode)."""
-    module = cache.unit.module(sam)
-    module.eval()
-    with torch.no_grad():
-        losses = [lp_error(cache.unit.run(module, s.args, s.kwargs)[0], s.targets[0]).item() for s in cache.samples]
-    return sum(losses) / len(losses)
+from tests.conftest import cached_unit_loss
 
 
 def _weights_only(module) -> None:
@@ -43,12 +34,12 @@ def test_adaround_reconstruction_lowers_w4_unit_loss_from_rtn(qsam, calib2):
     module = unit.module(qsam)
     _weights_only(module)
     cache = build_unit_cache(qsam, unit, calib2)
-    rtn = _unit_loss(qsam, cache)
+    rtn = cached_unit_loss(qsam, cache)
     _enable_adaround(module)
     result = reconstruct_unit_plain(qsam, unit, cache, ReconSettings(iters=60, alpha_lr=1e-2, reduction="mean"))
     set_soft_rounding(module, False)
     assert len(result.curve["out"]) == 60
-    assert _unit_loss(qsam, cache) < 0.9 * rtn
+    assert cached_unit_loss(qsam, cache) < 0.9 * rtn
 
 
 def _qdrop_unit(sam):
