@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from carsam.methods.jcar import jcar_settings_for
 from carsam.methods.mac import apply_mac_
 from carsam.methods.ptq4sam import prepare_ptq4sam_
-from carsam.methods.reconstruction import qdrop_recipe, recon_settings, reconstruct_model_
+from carsam.methods.reconstruction import qdrop_recipe, recon_settings, recon_units, reconstruct_model_
 from carsam.methods.registry import Method, register
-from carsam.recon.units import ReconUnit, find_units
+from carsam.recon.units import ReconUnit
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -44,9 +44,7 @@ if TYPE_CHECKING:
 def carsam_units(sam: Sam, config: RunConfig) -> list[ReconUnit]:
     """Encoder blocks (unless `recon.encoder_grouping` is `none`), then the decoder units: `jcar.grouping`'s
     when JCAR is on, `recon.grouping`'s otherwise."""
-    encoder = [] if config.recon.encoder_grouping == "none" else find_units(sam, config.recon.encoder_grouping)
-    grouping = config.jcar.grouping if config.jcar.enabled else config.recon.grouping
-    return encoder + find_units(sam, grouping)
+    return recon_units(sam, config.recon, config.jcar.grouping if config.jcar.enabled else None)
 
 
 def apply_carsam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:

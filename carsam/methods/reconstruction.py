@@ -85,10 +85,11 @@ def recon_settings(recon: ReconConfig) -> ReconSettings:
                          round_weight=recon.round_weight, warmup=recon.warmup, seed=recon.seed)
 
 
-def recon_units(sam: nn.Module, recon: ReconConfig) -> list[ReconUnit]:
-    """The units to reconstruct, in data-flow order: encoder blocks (unless `none`), then decoder units."""
+def recon_units(sam: nn.Module, recon: ReconConfig, decoder_grouping: str | None = None) -> list[ReconUnit]:
+    """The units to reconstruct, in data-flow order: encoder blocks (unless `none`), then the decoder units
+    of `decoder_grouping` (None: `recon.grouping`)."""
     units = [] if recon.encoder_grouping == "none" else find_units(sam, recon.encoder_grouping)
-    return units + find_units(sam, recon.grouping)
+    return units + find_units(sam, decoder_grouping or recon.grouping)
 
 
 def weight_quantizer_ids(module: nn.Module) -> set[int]:
