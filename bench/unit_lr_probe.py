@@ -1,0 +1,54 @@
+"""Hard-rounded loss of one decoder reconstruction unit from its RTN start, for one AdaRound setting.
+
+The README's `recon.alpha_lr` evidence: the shipped testbed, W4A4 with MSE activation ranges, decoder
+quantized only; unit `UNIT` of the `attention_mlp` grouping (1: layers.0 token->image, 2: layers.0 MLP,
+3: layers.0 image->token) reconstructed for ITERS steps (BRECQ: AdaRound only) at AdaRound lr LR;
+prints the unit's mean MSE on its cache before (RTN) and after (hard rounding).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/unit_lr_probe.py UNIT ITERS LR
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from carsam.config import ReconConfig, resolve
+from carsam.methods.reconstruction import UnitRecipe, quantize_calibrate_, reconstruct_model_
+from carsam.models.sam import TESTBED_CHECKPOINT, build_testbed_from_checkpoint
+from carsam.pipeline import load_datasets
+from carsam.recon.cache import build_unit_cache
+from carsam.recon.losses import lp_error
+from carsam.recon.units import find_units
+
+
+def unit_loss(sam: torch.nn.Module, cache) -> float:
+    """Mean over samples of the sum over streams of the unit's MSE (eval mode, no gradient)."""
+    module = cache.unit.module(sam)
+    module.eval()
+    with torch.no_grad():
+        losses = [sum(lp_error(o, t).item() for o, t in zip(cache.unit.run(module, s.args, s.kwargs), s.targets))
+                  for s in cache.samples]
+    return sum(losses) / len(losses)
+
+
+def main(unit_index: int, iters: int, alpha_lr: float) -> None:
+    config = resolve(None, ["method=brecq", "quant.a_observer=mse", "quant.quantize_encoder=false"])
+    calib = load_datasets(config.data, config.seed).calib
+    torch.manual_seed(0)
+    sam = build_testbed_from_checkpoint(TESTBED_CHECKPOINT)
+    quantize_calibrate_(sam, calib, config)
+    unit = find_units(sam, "attention_mlp")[unit_index]
+    cache = build_unit_cache(sam, unit, calib, inputs="quantized")
+    rtn = unit_loss(sam, cache)
+    start = time.perf_counter()
+    reconstruct_model_(sam, calib, ReconConfig(iters=iters, alpha_lr=alpha_lr, track_interference=False),
+                       UnitRecipe(), units=[unit])
+    print(f"{unit.name} iters={iters} alpha_lr={alpha_lr}: RTN {rtn:.5f} -> {unit_loss(sam, cache):.5f} "
+          f"({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
