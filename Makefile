@@ -8,7 +8,7 @@ TRIALS ?= 9
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast sweep report testbed data bench clean
+.PHONY: help setup system-packages test test-fast sweep report testbed data bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## create .venv and install carsam with pinned dependencies (skipped when up to date)
 
-test: $(STAMP) ## run the test suite (CPU only, no network)
+system-packages: ## install the Debian packages some tests drive (chromium, postgresql) when root
+	bash tools/system-packages.sh
+
+test: $(STAMP) system-packages ## run the test suite (CPU only, no network)
 	$(BIN)/pytest -q
 
 test-fast: $(STAMP) ## the test suite without tests marked slow

@@ -210,6 +210,55 @@ class JcarConfig:
                               f"{self.w_tokens}, {self.w_image}")
 
 
+TRACKING_MODES = ("offline", "online", "disabled")  # carsam.tracking.MODES
+DIAGNOSTIC_SCOPES = ("decoder", "encoder")  # carsam.diagnostics.collector.SCOPES
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Weights & Biases logging (carsam.tracking). `offline` (default) needs no account or network and
+    writes `runs/<run_id>/wandb/offline-run-*` (upload later with `wandb sync`); `disabled` imports
+    nothing. `group` gathers runs in W&B (a sweep sets it to its study name)."""
+
+    mode: str = "offline"
+    project: str = "carsam"
+    entity: str = ""
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRACKING_MODES:
+            raise ConfigError(f"tracking.mode must be one of {TRACKING_MODES}, got '{self.mode}'")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Attention-dissipation and oscillation diagnostics (carsam.diagnostics), written to
+    `runs/<run_id>/diagnostics.parquet` with `diag/*` summaries in the record.
+
+    `images`: how many val images (the first ones with prompts, the same for every run) the attention
+    statistics are collected on; `scopes`: `decoder` and/or `encoder`; `iou_threshold`: detector prompt ->
+    GT mask matching for the mask mass; `oscillation_window`: smoothing window of the oscillation index.
+    """
+
+    enabled: bool = True
+    images: int = 8
+    scopes: tuple[str, ...] = ("decoder",)
+    iou_threshold: float = 0.5
+    oscillation_window: int = 5
+
+    def __post_init__(self) -> None:
+        if self.images < 1:
+            raise ConfigError(f"diagnostics.images must be >= 1, got {self.images}")
+        unknown = sorted(set(self.scopes) - set(DIAGNOSTIC_SCOPES))
+        if unknown or not self.scopes:
+            raise ConfigError(f"diagnostics.scopes must be a non-empty subset of {DIAGNOSTIC_SCOPES}, got "
+                              f"{list(self.scopes)}")
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ConfigError(f"diagnostics.iou_threshold must be in (0, 1], got {self.iou_threshold}")
+        if self.oscillation_window < 1:
+            raise ConfigError(f"diagnostics.oscillation_window must be >= 1, got {self.oscillation_window}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one `carsam run` needs; written resolved into the run folder."""
@@ -225,6 +274,8 @@ class RunConfig:
     recon: ReconConfig = ReconConfig()
     mac: MacConfig = MacConfig()
     jcar: JcarConfig = JcarConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.match(self.device):

@@ -21,17 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from carsam.config import ConfigError, DataConfig, ModelConfig, RunConfig, dump_yaml, to_dict
 from carsam.data.coco import CocoBoxPrompts
 from carsam.atomic import write_text_atomic
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
+from carsam.diagnostics.run import diagnose_run
 from carsam.eval.evaluate import box_as_mask_floor, evaluate
 from carsam.methods.registry import get_method
 from carsam.models.sam import TESTBED_CHECKPOINT, build_model
 from carsam.quant.quantizers import QuantMode, assert_eval_ready, assert_quant_mode
 from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
+from carsam.tracking import Tracker, log_diagnostic_curves
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +152,9 @@ def assert_ready_to_evaluate(sam: torch.nn.Module, quantized: bool) -> None:
         assert_quant_mode(sam, QuantMode.FP)
 
 
-def _execute(config: RunConfig, record: RunRecord, progress: bool) -> None:
-    """Build, quantize, evaluate; fills `record` in place."""
+def _execute(config: RunConfig, record: RunRecord, progress: bool) -> tuple[torch.nn.Module | None, DataSets]:
+    """Build, quantize, evaluate; fills `record` in place. Returns the evaluated model (None for a
+    model-free method) and the data, for the diagnostics."""
     method = get_method(config.method)
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -169,12 +173,59 @@ def _execute(config: RunConfig, record: RunRecord, progress: bool) -> None:
     record.metrics.update(result.metrics)
     record.details.update(eval_images=result.num_images, eval_prompts=result.num_prompts, eval_gt=result.num_gt,
                           calib_images=len(data.calib), **peak_memory_mb(device))
+    return sam, data
+
+
+def _diagnose(config: RunConfig, record: RunRecord, run_dir: Path, sam: torch.nn.Module | None,
+              data: DataSets) -> pd.DataFrame | None:
+    """Write the run's `diagnostics.parquet` and add its `diag/*` metrics to `record`.
+
+    A failure here is logged as a warning and stored in `record.details["diagnostics"]["error"]`: the
+    evaluation it follows is never lost to it.
+    """
+    if not config.diagnostics.enabled:
+        return None
+    try:
+        with _timed(record.timings, "diagnostics"):
+            result = diagnose_run(config, record.run_id, run_dir, sam, data.val, record.details,
+                                  get_method(config.method).quantized)
+    except Exception as err:  # noqa: BLE001 - the run's metrics are already measured; keep them
+        logger.warning("diagnostics failed (%s: %s); the run's metrics are kept", type(err).__name__, err)
+        record.details["diagnostics"] = {"error": f"{type(err).__name__}: {err}"}
+        return None
+    record.metrics.update(result.metrics)
+    record.details["diagnostics"] = result.details
+    return result.frame
+
+
+def make_tracker(config: RunConfig) -> Tracker:
+    """The run's W&B tracker, as `config.tracking` says (tests replace this to keep W&B out)."""
+    return Tracker(config.tracking.mode, config.tracking.project, config.tracking.entity or None)
+
+
+def _start_tracking(config: RunConfig, run_id: str, run_dir: Path) -> Tracker:
+    tracker = make_tracker(config)
+    tracker.start(to_dict(config), run_id, group=config.tracking.group or None, directory=run_dir)
+    return tracker
+
+
+def _finish_tracking(tracker: Tracker, record: RunRecord, diagnostics: pd.DataFrame | None) -> None:
+    """Log the metrics and curves, close the W&B run, and store its id in the record."""
+    if tracker.active:
+        tracker.log_metrics({**record.metrics, **{f"time/{k}": v for k, v in record.timings.items()}})
+        if diagnostics is not None and len(diagnostics):
+            log_diagnostic_curves(tracker, diagnostics)
+    mode = tracker.mode
+    wandb_id = tracker.finish()
+    if wandb_id is not None:
+        record.details["wandb"] = {"id": wandb_id, "mode": mode}
 
 
 def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | None = None) -> RunRecord:
-    """Execute one run and write `runs_dir/<run_id>/{config.yaml,record.json}`.
+    """Execute one run and write `runs_dir/<run_id>/{config.yaml,record.json}` (and `diagnostics.parquet`).
 
     On failure the record is written with `status: failed` and the error, then the error is re-raised.
+    The record is also written as soon as the evaluation is done, before the diagnostics.
     `extra` (e.g. a sweep's trial number) is stored under `record.details`.
     """
     run_id = new_run_id(config.name or config.method)
@@ -184,9 +235,13 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     record = _new_record(config, run_id)
     record.details.update(extra or {}, command=" ".join(sys.argv))
     write_record(run_dir, record)
+    tracker = _start_tracking(config, run_id, run_dir)
+    diagnostics = None
     start = time.perf_counter()
     try:
-        _execute(config, record, progress)
+        sam, data = _execute(config, record, progress)
+        write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
+        diagnostics = _diagnose(config, record, run_dir, sam, data)
     except BaseException as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
         raise
@@ -194,6 +249,7 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
         record.status = "completed"
     finally:
         record.timings["total"] = round(time.perf_counter() - start, 3)
+        _finish_tracking(tracker, record, diagnostics)
         write_record(run_dir, record)
         logger.info("run %s %s: %s", run_id, record.status, record.metrics)
     return record

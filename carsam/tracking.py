@@ -141,4 +141,24 @@ class Tracker:
         self._saved_env = None
 
 
-__all__ = ["MODES", "Tracker"]
+def attention_curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """Head-averaged attention rows of a diagnostics table: one value per (module, kind, layer), with
+    `step` = layer, so each module/kind is one line over the decoder's layers."""
+    rows = frame[frame["layer"] >= 0]
+    curves = rows.groupby(["module", "kind", "layer"], as_index=False)["value"].mean()
+    return curves.assign(step=curves["layer"])
+
+
+def log_diagnostic_curves(tracker: Tracker, frame: pd.DataFrame) -> None:
+    """Log a run's diagnostics table (`carsam.diagnostics.writer` format) as W&B line plots: per-layer
+    attention entropy / KL / mask mass (`attention/curves`, one line per module and kind) and the
+    reconstruction loss curves (`recon/loss`, one line per unit and stream)."""
+    attention = attention_curves(frame)
+    if len(attention):
+        tracker.log_curves("attention/curves", attention)
+    losses = frame[frame["kind"].str.startswith("loss/")]
+    if len(losses):
+        tracker.log_curves("recon/loss", losses)
+
+
+__all__ = ["MODES", "Tracker", "attention_curves", "log_diagnostic_curves"]

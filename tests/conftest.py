@@ -21,6 +21,15 @@ from carsam.testbed import save_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SPEC = SyntheticSpec(seed=7, num_images=(("train", 0), ("calib", 4), ("val", 6)))
 
+@pytest.fixture(autouse=True)
+def _no_wandb_unless_asked(request, monkeypatch) -> None:
+    """In-process runs track nothing unless the test is marked `wandb` (W&B offline costs seconds per run);
+    the tests of tracking itself opt in."""
+    if request.node.get_closest_marker("wandb") is None:
+        from carsam import pipeline
+        from carsam.tracking import Tracker
+        monkeypatch.setattr(pipeline, "make_tracker", lambda config: Tracker("disabled"))
+
 
 @pytest.fixture(scope="session")
 def small_coco(tmp_path_factory) -> dict[str, Path]:

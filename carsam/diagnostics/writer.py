@@ -67,6 +67,8 @@ def _attention_metrics(df: pd.DataFrame) -> dict[str, float | None]:
 
 def _recon_metric(df: pd.DataFrame, quantity: str) -> float | None:
     """Mean of `quantity/{stream}` rows over units and reconstruction streams (not `round`, `total`)."""
+    if df.empty:
+        return None
     kinds = df["kind"].str.partition("/")
     chosen = (kinds[0] == quantity) & ~kinds[2].isin(list(NON_RECON_STREAMS))
     return _mean(df.loc[chosen, "value"])

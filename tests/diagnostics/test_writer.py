@@ -62,3 +62,10 @@ def test_summary_metrics_average_layers_heads_units_and_streams():
 def test_summary_metrics_of_attention_only_runs_omit_the_reconstruction_numbers():
     metrics = summary_metrics(diagnostics_frame("r", [_attention_frame()]))
     assert "diag/oscillation_index" not in metrics and "diag/entropy_gap_t2i" in metrics
+
+
+def test_an_empty_table_round_trips_and_has_no_summary(tmp_path):
+    write_diagnostics(tmp_path, "run-0", [])
+    frame = read_diagnostics(tmp_path)
+    assert len(frame) == 0 and list(frame.columns) == COLUMNS
+    assert summary_metrics(frame) == {}
