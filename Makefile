@@ -8,7 +8,7 @@ TRIALS ?= 9
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-packages test test-fast sweep report testbed data bench clean
+.PHONY: help setup system-packages test test-fast sweep report dashboard testbed data bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,8 +34,11 @@ test-fast: $(STAMP) ## the test suite without tests marked slow
 sweep: $(STAMP) ## Optuna sweep of RTN bit-widths on the testbed (resumable; TRIALS=9)
 	$(BIN)/carsam sweep sweeps/rtn_bits.py --trials $(TRIALS)
 
-report: $(STAMP) ## table of every run record under runs/
-	$(BIN)/carsam report
+report: $(STAMP) ## ablation tables (Markdown, LaTeX, CSV) and figures of every run under runs/ -> runs/report/
+	$(BIN)/carsam report --figures
+
+dashboard: $(STAMP) ## offline HTML page of every run under runs/ -> runs/dashboard.html
+	$(BIN)/carsam dashboard
 
 data: $(STAMP) ## generate the synthetic testbed dataset (seed 0) under data/
 	$(BIN)/carsam testbed data
@@ -43,8 +46,9 @@ data: $(STAMP) ## generate the synthetic testbed dataset (seed 0) under data/
 testbed: $(STAMP) ## regenerate the data and retrain the testbed SAM (about an hour on 2 cores)
 	$(BIN)/carsam testbed build
 
-bench: $(STAMP) ## benchmarks: Lightning vs plain-loop overhead of one decoder reconstruction unit
+bench: $(STAMP) ## benchmarks: Lightning vs plain-loop overhead of one reconstruction unit; cold vs warm stage cache
 	OMP_NUM_THREADS=1 $(BIN)/python bench/recon_overhead.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/stage_cache.py
 
 clean: ## remove runs/, data/ and build/ (keeps .venv)
 	rm -rf runs data build

@@ -37,32 +37,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import optuna
 
-    from carsam.sweep import run_sweep, trials_table
+    from carsam.sweep import run_sweep
+    from carsam.sweep_report import best_trials, objective_names, trials_table
+    from carsam.sweep_storage import default_storage
 
     if not args.verbose:  # keep the progress bar readable: per-run logs go to each run's record
         logging.getLogger("carsam").setLevel(logging.WARNING)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = run_sweep(args.space, trials=args.trials, storage=args.storage, study_name=args.study,
-                      runs_dir=args.runs, overrides=args.overrides, progress=not args.no_progress)
-    table = trials_table(study)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    completed = [t for t in study.trials if t.value is not None]
-    if not completed:
+    storage = args.storage or default_storage(args.runs, args.workers)
+    if not args.storage and args.workers > 1:
+        print(f"carsam: {args.workers} workers share a journal file, not SQLite (it locks under concurrent "
+              f"writers): --storage {storage} (pass it to resume or inspect the study)", file=sys.stderr)
+    study = run_sweep(args.space, trials=args.trials, storage=storage, study_name=args.study, runs_dir=args.runs,
+                      seed=args.seed, overrides=args.overrides, progress=not args.no_progress,
+                      workers=args.workers, heartbeat=args.heartbeat)
+    print(trials_table(study).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    best = best_trials(study)
+    if not best:
         print("carsam: error: no trial completed (see the 'error' column)", file=sys.stderr)
         return 1
-    best = study.best_trial
-    print(f"best trial {best.number}: eval/mAP={best.value:.4f} params={best.params}")
+    print("best trial:" if len(study.directions) == 1 else f"Pareto front ({len(best)} trials):")
+    for t in best:
+        values = "  ".join(f"{name}={v:.4f}" for name, v in zip(objective_names(study), t.values))
+        print(f"  trial {t.number}: {values}  params={t.params}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from carsam.report import runs_table
+    from carsam.report import write_report
 
-    table = runs_table(args.runs)
-    if table.empty:
+    paths = write_report(args.runs, args.out, figures=args.figures)
+    if not paths:
         print(f"no run records under {args.runs}")
         return 0
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(paths[-1].read_text())  # report.md: the Markdown tables
+    print(f"wrote {len(paths)} files to {paths[-1].parent}", file=sys.stderr)
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from carsam.dashboard import build_dashboard, make_server
+
+    if not args.serve:
+        print(f"dashboard: {build_dashboard(args.runs, args.out)}")
+        return 0
+    server = make_server(args.runs, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"dashboard of {args.runs} at http://{host}:{port}/ (rebuilt on each load; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 
@@ -94,22 +121,48 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="an Optuna study over a search space file; each trial is a run record",
-                       description="Run (or resume) an Optuna study defined by a search-space Python file.")
+                       description="Run (or resume) an Optuna study defined by a search-space Python file. "
+                       "Several processes (--workers, or several commands on one --storage) share a study; "
+                       "a worker killed mid-trial is detected by its missing heartbeat and its trial retried.")
     p.add_argument("space", help="search space file (e.g. sweeps/rtn_bits.py)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial")
-    p.add_argument("--trials", type=_positive_int, default=9, help="number of trials to run (default 9)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///RUNS/optuna.db)")
+    p.add_argument("--trials", type=_positive_int, default=9, help="the study's planned number of completed "
+                   "trials, at most a grid's size (default 9); a rerun runs only what is missing")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///F, postgresql+psycopg2://...) "
+                   "or journal:FILE (default sqlite:///RUNS/optuna.db; journal:RUNS/optuna.journal with --workers > 1)")
     p.add_argument("--study", default=None, help="study name (default: the space file's name)")
     p.add_argument("--runs", default="runs", help="runs folder (default runs)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes on the study (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (worker i uses SEED+i; default 0)")
+    p.add_argument("--heartbeat", type=_positive_int, default=None, help="seconds between a running trial's "
+                   "heartbeats; one silent for twice this is failed and retried (default $CARSAM_SWEEP_HEARTBEAT or 60)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_sweep)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="a table of all run records", description="Read runs/*/record.json "
-                       "into one table (method, bits, metrics, timings).")
+    p = sub.add_parser("report", help="ablation tables (Markdown, LaTeX, CSV) and figures from all run records",
+                       description="Read runs/*/record.json into one long table and write the ablation tables "
+                       "(methods x bits, MAC x JCAR, MAC readings, JCAR readings; mean ± std over seeds) as "
+                       "Markdown, LaTeX and CSV, print the Markdown; --figures adds PNGs from diagnostics.parquet.")
     p.add_argument("--runs", default="runs", help="runs folder (default runs)")
+    p.add_argument("--out", default=None, help="output folder (default RUNS/report)")
+    p.add_argument("--figures", action="store_true", help="also write PNG figures to OUT/figures (attention "
+                   "entropy, token->image mask mass, reconstruction loss curves)")
     p.set_defaults(func=_cmd_report)
+
+
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="an offline HTML page: runs table, attention entropy, loss curves",
+                       description="Build an offline HTML page (no CDN) from runs/*/record.json and "
+                       "diagnostics.parquet, or serve it over HTTP.")
+    p.add_argument("--runs", default="runs", help="runs folder (default runs)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, help="output HTML file (default RUNS/dashboard.html)")
+    where.add_argument("--serve", action="store_true", help="serve the page over HTTP instead of writing it")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind with --serve (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port with --serve (default 8765; 0 picks a free one)")
+    p.set_defaults(func=_cmd_dashboard)
 
 
 def _add_testbed(sub: argparse._SubParsersAction) -> None:
@@ -137,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsam", description="4-bit PTQ of Segment Anything: CAR-SAM and "
                                      "the baselines it is compared with, on SAM or the embedded testbed.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,report,testbed}")
-    for add in (_add_run, _add_sweep, _add_report, _add_testbed):
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,report,dashboard,testbed}")
+    for add in (_add_run, _add_sweep, _add_report, _add_dashboard, _add_testbed):
         add(sub)
     return parser
 

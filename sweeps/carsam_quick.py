@@ -1,0 +1,21 @@
+"""A small CAR-SAM study for `make sweep` on the testbed: decoder-only W4A4 (image encoder in FP) at a
+reduced cost (50 reconstruction steps per unit, 8 calibration images, 60 val images), searching the MAC
+strength and variant, the JCAR token weight and the JCAR grouping. Its mAP is a quick, noisy proxy:
+confirm a chosen point with `carsam run experiments/carsam_w4a4.yaml quant.quantize_encoder=false ...`.
+
+    carsam sweep sweeps/carsam_quick.py --trials 8
+"""
+
+EXPERIMENT = "../experiments/carsam_w4a4.yaml"
+FIXED = ["quant.quantize_encoder=false", "recon.iters=50", "data.calib_size=8", "data.max_val_images=60"]
+
+
+def suggest(trial) -> list[str]:
+    """One trial's overrides."""
+    return [
+        *FIXED,
+        f"mac.strength={trial.suggest_float('mac.strength', 0.0, 1.0)}",
+        f"mac.variant={trial.suggest_categorical('mac.variant', ['qk', 'pv', 'both'])}",
+        f"jcar.w_tokens={trial.suggest_float('jcar.w_tokens', 0.1, 10.0, log=True)}",
+        f"jcar.grouping={trial.suggest_categorical('jcar.grouping', ['block', 'pair', 'chain'])}",
+    ]

@@ -1,0 +1,79 @@
+"""Fake run folders for the report tests: records written with `carsam.runs.write_record`, diagnostics
+with `carsam.diagnostics.writer.write_diagnostics`, from hand-made numbers."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from carsam.diagnostics.oscillation import oscillation_frame
+from carsam.diagnostics.writer import write_diagnostics
+from carsam.runs import RunRecord, write_record
+
+BASE_CONFIG: dict[str, Any] = {
+    "seed": 0, "data": {"synthetic_seed": 0, "prompt_source": "detector"},
+    "quant": {"w_bits": 4, "a_bits": 4, "quantize_encoder": True, "a_observer": "mse"},
+    "recon": {"iters": 500, "round_weight": 0.01},
+    "mac": {"enabled": False, "variant": "both", "strength": 1.0, "damping": 0.01, "targets": "token_to_image",
+            "order": "before"},
+    "jcar": {"enabled": False, "grouping": "pair", "w_tokens": 1.0, "w_image": 1.0, "variance_weighting": False},
+}
+
+
+def make_run(runs_dir: Path, run_id: str, method: str, metrics: dict[str, float], *, bits: int = 4, seed: int = 0,
+             data_seed: int = 0, status: str = "completed", error: str = "", total: float | None = 10.0,
+             **config: dict[str, Any]) -> Path:
+    """Write `runs_dir/run_id/record.json`; `config` sections (e.g. `mac={"enabled": True}`) update
+    `BASE_CONFIG`'s. Returns the run folder."""
+    cfg = copy.deepcopy(BASE_CONFIG)
+    cfg.update(seed=seed, name=run_id, method=method)
+    cfg["data"]["synthetic_seed"] = data_seed
+    cfg["quant"].update(w_bits=bits, a_bits=bits)
+    for section, values in config.items():
+        cfg[section].update(values)
+    record = RunRecord(run_id=run_id, name=run_id, method=method, model={"type": "testbed"},
+                       w_bits=bits, a_bits=bits, prompts="detector", seed=seed, config=cfg, versions={},
+                       git_commit="x", started_at="t", status=status, metrics=dict(metrics), error=error,
+                       timings={} if total is None else {"total": total})
+    write_record(runs_dir / run_id, record)
+    return runs_dir / run_id
+
+
+def metrics(mAP: float, mAP50: float = 0.6, mIoU: float = 0.7) -> dict[str, float]:
+    return {"eval/mAP": mAP, "eval/mAP50": mAP50, "eval/mIoU": mIoU}
+
+
+def attention_frame(entropy_q: float, mass_q: float) -> pd.DataFrame:
+    """Entropy rows for the three decoder attentions (layers 0, 1; heads 0, 1) and token->image mask mass
+    (layers 0, 1, 2); FP entropy 0.5 and mask mass 0.6 everywhere, the quantized values as given."""
+    rows = []
+    for module, layers in (("decoder.self_attn", (0, 1)), ("decoder.image_to_token", (0, 1)),
+                           ("decoder.token_to_image", (0, 1, 2))):
+        for layer in layers:
+            for head in (0, 1):
+                rows += [{"module": module, "layer": layer, "head": head, "kind": "entropy_fp", "value": 0.5},
+                         {"module": module, "layer": layer, "head": head, "kind": "entropy_q", "value": entropy_q},
+                         {"module": module, "layer": layer, "head": head, "kind": "entropy_gap",
+                          "value": entropy_q - 0.5}]
+                if module == "decoder.token_to_image":
+                    rows += [{"module": module, "layer": layer, "head": head, "kind": "mask_mass_fp", "value": 0.6},
+                             {"module": module, "layer": layer, "head": head, "kind": "mask_mass_q",
+                              "value": mass_q}]
+    return pd.DataFrame(rows)
+
+
+def recon_frame() -> pd.DataFrame:
+    """Two units' loss curves (queries and keys streams, plus a `round` curve that is not plotted)."""
+    units = [{"unit": "layers.0", "curve": {"queries": [1.0, 0.5, 0.8, 0.2, 0.3, 0.1, 0.12],
+                                            "keys": [2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125],
+                                            "round": [5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2]}},
+             {"unit": "layers.1", "curve": {"queries": [0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01]}}]
+    return oscillation_frame(units, window=1)
+
+
+def add_diagnostics(run_dir: Path, entropy_q: float = 0.7, mass_q: float = 0.4) -> Path:
+    """Write a `diagnostics.parquet` with `attention_frame` and `recon_frame` rows into `run_dir`."""
+    return write_diagnostics(run_dir, run_dir.name, [attention_frame(entropy_q, mass_q), recon_frame()])
