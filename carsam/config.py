@@ -260,6 +260,17 @@ class DiagnosticsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Stage caching (carsam.stage_cache): the FP image embeddings of calibration and evaluation images,
+    on disk under `dir` (empty: `<runs_dir>/.cache`), shared by runs, sweep trials and worker processes.
+    Keyed by exactly what they depend on (checkpoint hash, encoder, image bytes, versions), so a stale
+    entry is never read; served only while the image encoder is in full precision."""
+
+    enabled: bool = True
+    dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one `carsam run` needs; written resolved into the run folder."""
 
@@ -276,6 +287,7 @@ class RunConfig:
     jcar: JcarConfig = JcarConfig()
     tracking: TrackingConfig = TrackingConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    cache: CacheConfig = CacheConfig()
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.match(self.device):

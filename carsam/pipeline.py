@@ -30,10 +30,12 @@ from carsam.atomic import write_text_atomic
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.diagnostics.run import diagnose_run
 from carsam.eval.evaluate import box_as_mask_floor, evaluate
+from carsam.eval.inference import embedding_source
 from carsam.methods.registry import get_method
 from carsam.models.sam import TESTBED_CHECKPOINT, build_model
 from carsam.quant.quantizers import QuantMode, assert_eval_ready, assert_quant_mode
 from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
+from carsam.stage_cache import EmbeddingStore
 from carsam.tracking import Tracker, log_diagnostic_curves
 
 logger = logging.getLogger(__name__)
@@ -198,6 +200,18 @@ def _diagnose(config: RunConfig, record: RunRecord, run_dir: Path, sam: torch.nn
     return result.frame
 
 
+def cache_dir(config: RunConfig) -> Path:
+    """The stage cache folder: `cache.dir`, or `<runs_dir>/.cache`."""
+    return Path(config.cache.dir) if config.cache.dir else Path(config.runs_dir) / ".cache"
+
+
+def make_embedding_store(config: RunConfig) -> EmbeddingStore | None:
+    """The run's on-disk cache of FP image embeddings (None: `cache.enabled=false` or a model-free method)."""
+    if not config.cache.enabled or not get_method(config.method).uses_model:
+        return None
+    return EmbeddingStore(cache_dir(config), model_description(config.model))
+
+
 def make_tracker(config: RunConfig) -> Tracker:
     """The run's W&B tracker, as `config.tracking` says (tests replace this to keep W&B out)."""
     return Tracker(config.tracking.mode, config.tracking.project, config.tracking.entity or None)
@@ -221,6 +235,11 @@ def _finish_tracking(tracker: Tracker, record: RunRecord, diagnostics: pd.DataFr
         record.details["wandb"] = {"id": wandb_id, "mode": mode}
 
 
+def _record_cache(record: RunRecord, store: EmbeddingStore | None) -> None:
+    """`details.cache`: the embedding cache's hits, misses, bypassed passes (encoder not FP) and folder."""
+    record.details["cache"] = store.summary() if store is not None else {"enabled": False}
+
+
 def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | None = None) -> RunRecord:
     """Execute one run and write `runs_dir/<run_id>/{config.yaml,record.json}` (and `diagnostics.parquet`).
 
@@ -236,18 +255,22 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     record.details.update(extra or {}, command=" ".join(sys.argv))
     write_record(run_dir, record)
     tracker = _start_tracking(config, run_id, run_dir)
+    store = make_embedding_store(config)
     diagnostics = None
     start = time.perf_counter()
     try:
-        sam, data = _execute(config, record, progress)
-        write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
-        diagnostics = _diagnose(config, record, run_dir, sam, data)
+        with embedding_source(store):
+            sam, data = _execute(config, record, progress)
+            _record_cache(record, store)
+            write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
+            diagnostics = _diagnose(config, record, run_dir, sam, data)
     except BaseException as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
         raise
     else:
         record.status = "completed"
     finally:
+        _record_cache(record, store)
         record.timings["total"] = round(time.perf_counter() - start, 3)
         _finish_tracking(tracker, record, diagnostics)
         write_record(run_dir, record)

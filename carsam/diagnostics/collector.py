@@ -257,18 +257,17 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 def _image_stats(predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int,
                  sites: Sequence[AttentionSite], accumulator: _Accumulator, iou_threshold: float) -> None:
     """Both passes over one image (module docstring), adding its statistics to `accumulator`."""
-    sam, image = predictor.sam, dataset.load_image(image_id)
-    boxes = dataset.prompts(image_id)[0]
+    sam, boxes = predictor.sam, dataset.prompts(image_id)[0]
     paired = _PairedImage(sites, accumulator)
     with quant_modes_set(sam, QuantMode.FP), _tapped(sites, paired.keep):
-        embedding = predictor.embed(image)
+        embedding = predictor.embed_image(dataset, image_id)
         predictor.predict(embedding, boxes)
     if any(site.token_to_image for site in sites):
         grid = sam.prompt_encoder.image_embedding_size[0]
         paired.mask_tokens, paired.has_mask = prompt_mask_tokens(
             dataset, image_id, embedding.input_size, sam.image_encoder.img_size, grid, iou_threshold)
     with quant_modes_set(sam, None), _tapped(sites, paired.compare):
-        predictor.predict(predictor.embed(image), boxes)
+        predictor.predict(predictor.embed_image(dataset, image_id), boxes)
     paired.check_complete()
 
 

@@ -74,21 +74,25 @@ def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None
              embed_fn: EmbedFn | None = None, max_boxes_per_batch: int = 64) -> EvalResult:
     """Run `sam` on the set's prompts (mAP) and GT boxes (mIoU): one encoder pass per image.
 
-    `embed_fn(image_id, image)` may serve cached encoder outputs; default: encode with `sam`.
+    `embed_fn(image_id, image)` may serve cached encoder outputs; default: `SamBoxPredictor.embed_image`
+    (the active `embedding_source`, e.g. the pipeline's on-disk cache of FP embeddings, or the encoder).
     `max_images` evaluates the first images of the set only (mAP then covers just those).
     """
     predictor = SamBoxPredictor(sam, max_boxes_per_batch)
-    embed = embed_fn or (lambda _image_id, image: predictor.embed(image))
     tally = _Tally()
     for image_id in _chosen_ids(dataset, max_images, progress, "eval"):
-        sample = dataset.get(image_id)
-        embedding = embed(image_id, sample.image)
-        masks, pred_iou = predictor.predict(embedding, sample.boxes)
-        if np.array_equal(sample.boxes, sample.gt_boxes):  # GT-box prompts: decode once
+        if embed_fn is None:
+            embedding = predictor.embed_image(dataset, image_id)
+        else:
+            embedding = embed_fn(image_id, dataset.load_image(image_id))
+        boxes, scores, category_ids = dataset.prompts(image_id)
+        gt_boxes, gt_masks, _ = dataset.ground_truth(image_id)
+        masks, pred_iou = predictor.predict(embedding, boxes)
+        if np.array_equal(boxes, gt_boxes):  # GT-box prompts: decode once
             gt_preds = masks
         else:
-            gt_preds, _ = predictor.predict(embedding, sample.gt_boxes)
-        tally.add(image_id, masks, sample.scores * pred_iou, sample.category_ids, gt_preds, sample.gt_masks)
+            gt_preds, _ = predictor.predict(embedding, gt_boxes)
+        tally.add(image_id, masks, scores * pred_iou, category_ids, gt_preds, gt_masks)
     return tally.finish(dataset)
 
 

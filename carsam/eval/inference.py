@@ -3,17 +3,29 @@
 This mirrors the math of `segment_anything.SamPredictor` for the protocol's case (box prompts,
 `multimask_output=False`, mask = upsampled logits > `sam.mask_threshold`) but keeps the image
 embedding as a value (`ImageEmbedding`) rather than predictor state, so that callers can cache it.
+
+Every encoder pass over a dataset image goes through `SamBoxPredictor.embed_image(dataset, image_id)`.
+Inside an `embedding_source(source)` block (the pipeline opens one around a run; see
+`carsam.stage_cache.EmbeddingStore`) it asks `source` for the embedding, which may serve the FP
+encoder's output from disk; outside one, or with `None`, it reads the image and encodes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+
+if TYPE_CHECKING:
+    from carsam.data.coco import CocoBoxPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +42,31 @@ class ImageEmbedding:
     features: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+
+
+class EmbeddingSource(Protocol):
+    """Serves the embedding of one dataset image for `predictor` (e.g. from a cache; see the module docstring)."""
+
+    def embed(self, predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int) -> ImageEmbedding: ...
+
+
+_SOURCE: contextvars.ContextVar[EmbeddingSource | None] = contextvars.ContextVar("carsam_embedding_source",
+                                                                                default=None)
+
+
+@contextlib.contextmanager
+def embedding_source(source: EmbeddingSource | None) -> Iterator[None]:
+    """Inside the block, `SamBoxPredictor.embed_image` goes through `source` (None: plain encoding)."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def active_embedding_source() -> EmbeddingSource | None:
+    """The source set by the innermost `embedding_source` block, if any."""
+    return _SOURCE.get()
 
 
 class SamBoxPredictor:
@@ -55,6 +92,13 @@ class SamBoxPredictor:
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         features = self.sam.image_encoder(self.sam.preprocess(pixels.float()))
         return ImageEmbedding(features, (resized.shape[0], resized.shape[1]), (image.shape[0], image.shape[1]))
+
+    def embed_image(self, dataset: CocoBoxPrompts, image_id: int) -> ImageEmbedding:
+        """`embed` of the dataset's image `image_id`, through the active `embedding_source` if one is set."""
+        source = _SOURCE.get()
+        if source is None:
+            return self.embed(dataset.load_image(image_id))
+        return source.embed(self, dataset, image_id)
 
     @torch.no_grad()
     def predict(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False) -> Sa
         for image_id in tqdm(calib.image_ids, desc="calibrate", unit="img", disable=not progress):
             boxes = calib.prompts(image_id)[0]
             if len(boxes):
-                predictor.predict(predictor.embed(calib.load_image(image_id)), boxes)
+                predictor.predict(predictor.embed_image(calib, image_id), boxes)
     set_quant_mode(sam, QuantMode.QUANTIZED)
     assert_quant_mode(sam, QuantMode.QUANTIZED)
     uncalibrated = [path for path, q in iter_quantizers(sam) if not q.is_calibrated]

@@ -276,7 +276,7 @@ def _run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int,
     """One image as the protocol runs it (embed, decode all boxes), reusing a cached embedding if any."""
     embedding = embeddings.get((image_id, phase)) if embeddings is not None else None
     if embedding is None:
-        embedding = predictor.embed(calib.load_image(image_id))
+        embedding = predictor.embed_image(calib, image_id)
         if embeddings is not None:
             embeddings[(image_id, phase)] = dataclasses.replace(embedding, features=embedding.features.cpu())
     if not encoder_only:

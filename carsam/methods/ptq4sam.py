@@ -81,7 +81,7 @@ def fp_calibration_pass(sam: nn.Module, calib: CocoBoxPrompts) -> None:
             for image_id in calib.image_ids:
                 boxes = calib.prompts(image_id)[0]
                 if len(boxes):
-                    predictor.predict(predictor.embed(calib.load_image(image_id)), boxes)
+                    predictor.predict(predictor.embed_image(calib, image_id), boxes)
     finally:
         sam.train(was_training)
 

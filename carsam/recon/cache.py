@@ -218,7 +218,7 @@ def run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int, 
     boxes = calib.prompts(image_id)[0]
     if len(boxes) == 0:
         return
-    embedding = predictor.embed(calib.load_image(image_id))
+    embedding = predictor.embed_image(calib, image_id)
     if not encoder_only:
         predictor.predict(embedding, boxes)
 
