@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.carsam-installed
-TRIALS ?= 9
+TRIALS ?= 8
+WORKERS ?= 2
+SWEEP_STORAGE ?= journal:runs/optuna.journal
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
@@ -31,8 +33,10 @@ test: $(STAMP) system-packages ## run the test suite (CPU only, no network)
 test-fast: $(STAMP) ## the test suite without tests marked slow
 	$(BIN)/pytest -q -m "not slow"
 
-sweep: $(STAMP) ## Optuna sweep of RTN bit-widths on the testbed (resumable; TRIALS=9)
-	$(BIN)/carsam sweep sweeps/rtn_bits.py --trials $(TRIALS)
+sweep: $(STAMP) ## the default study: quick decoder-only CAR-SAM on the testbed (resumable; TRIALS=8 WORKERS=2), then tables + dashboard
+	$(BIN)/carsam sweep sweeps/carsam_quick.py --trials $(TRIALS) --workers $(WORKERS) --storage $(SWEEP_STORAGE)
+	$(BIN)/carsam report --runs runs
+	$(BIN)/carsam dashboard --runs runs
 
 report: $(STAMP) ## ablation tables (Markdown, LaTeX, CSV) and figures of every run under runs/ -> runs/report/
 	$(BIN)/carsam report --figures

@@ -197,12 +197,33 @@ def _figures_section(runs_dir: str | Path, out: Path, written: list[Path]) -> st
     return "### Figures\n\n" + "\n".join(lines) + "\n"
 
 
+def _diagnostics_section(runs_dir: str | Path, out: Path, written: list[Path]) -> str:
+    """The dissipation and oscillation tables of the runs that have diagnostics (`carsam.report_attention`)."""
+    from carsam.report_attention import dissipation_table, oscillation_table
+    from carsam.report_figures import load_diagnostics
+
+    diags, _ = load_diagnostics(runs_dir)
+    sections = []
+    for name, title, table in (
+            ("dissipation", "Attention dissipation per decoder attention (mean over heads; dH = entropy_q - "
+                            "entropy_fp, normalised entropy; KL(P_fp || P_q) in nats; mask mass: token->image mass "
+                            "inside the prompt's GT mask)", dissipation_table(diags)),
+            ("oscillation", "Reconstruction oscillation per unit (mean over output streams)", oscillation_table(diags))):
+        if table.empty:
+            continue
+        written.append(write_text_atomic(out / f"{name}.md", to_markdown(table, title, digits=4)))
+        written.append(_csv(table, out / f"{name}.csv"))
+        sections.append(to_markdown(table, title, digits=4))
+    return "\n".join(sections)
+
+
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, figures: bool = False) -> list[Path]:
     """Write the report of every record under `runs_dir` into `out_dir` (default `<runs_dir>/report`):
     `report.md` (all sections: completed runs, the four ablation tables, superseded and incomplete runs,
     figures), each ablation table as `.md`/`.tex`/`.csv`, `runs.csv` (`runs_table`), `long.csv`
     (`long_table`), `superseded.csv`/`incomplete.csv` when there are any, and with `figures` the PNGs
-    of `carsam.report_figures` under `figures/`. Returns the paths written, `report.md` last; nothing
+    of `carsam.report_figures` under `figures/` with the
+    dissipation and oscillation tables of `carsam.report_attention` (`dissipation.*`, `oscillation.*`). Returns the paths written, `report.md` last; nothing
     (an empty list) when there is no record."""
     records = list_records(runs_dir)
     if not records:
@@ -224,6 +245,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, figure
     sections.append(_listing("Runs not completed (left out of the tables)", incomplete_runs(records),
                              out / "incomplete.csv", written))
     if figures:
+        sections.append(_diagnostics_section(runs_dir, out, written))
         sections.append(_figures_section(runs_dir, out, written))
     written.append(write_text_atomic(out / "report.md", "\n".join(s for s in sections if s)))
     return written
