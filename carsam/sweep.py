@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from carsam import pipeline
@@ -206,7 +208,16 @@ def _worker(spec: SweepSpec) -> optuna.Study:
     return study
 
 
-def _spawned_worker(spec: SweepSpec, log_level: int) -> None:
+def worker_threads(workers: int, cpus: int | None = None) -> int:
+    """Intra-op threads for each of `workers` processes sharing `cpus` cores (default: this machine's):
+    an even share, at least 1, so K workers never oversubscribe the cores (torch's default is one thread
+    per core in every process, which slows K > 1 workers many times over)."""
+    return max(1, (cpus or os.cpu_count() or 1) // workers)
+
+
+def _spawned_worker(spec: SweepSpec, log_level: int, threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("carsam").setLevel(log_level)
     optuna.logging.set_verbosity(log_level)
@@ -214,12 +225,14 @@ def _spawned_worker(spec: SweepSpec, log_level: int) -> None:
 
 
 def _run_workers(spec: SweepSpec, workers: int) -> None:
-    """`workers` spawned processes on the study (seeds seed..seed+K-1, the first one's progress bar)."""
+    """`workers` spawned processes on the study (seeds seed..seed+K-1, the first one's progress bar), each
+    with `worker_threads(workers)` torch threads unless OMP_NUM_THREADS is set."""
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger("carsam").getEffectiveLevel()
+    threads = None if os.environ.get("OMP_NUM_THREADS") else worker_threads(workers)  # the user's setting wins
     procs = [context.Process(target=_spawned_worker, name=f"sweep-worker-{i}",
                              args=(dataclasses.replace(spec, seed=spec.seed + i, progress=spec.progress and i == 0),
-                                   level)) for i in range(workers)]
+                                   level, threads)) for i in range(workers)]
     for proc in procs:
         proc.start()
     for proc in procs:

@@ -224,3 +224,9 @@ def test_every_shipped_space_suggests_a_valid_config(path):
         study.enqueue_trial(params)
     config = resolve(space.experiment, space.overrides(study.ask()))
     assert config.method in ("rtn", "carsam")
+
+
+def test_workers_share_the_cores_evenly_and_never_get_zero_threads():
+    from carsam.sweep import worker_threads
+
+    assert [worker_threads(k, cpus=16) for k in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
