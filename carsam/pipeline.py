@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import functools
-import hashlib
 import logging
 import resource
 import sys
@@ -31,6 +29,7 @@ from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.diagnostics.run import diagnose_run
 from carsam.eval.evaluate import box_as_mask_floor, evaluate
 from carsam.eval.inference import embedding_source
+from carsam.hashing import cached_file_sha256
 from carsam.methods.registry import get_method
 from carsam.models.sam import TESTBED_CHECKPOINT, build_model
 from carsam.quant.quantizers import QuantMode, assert_eval_ready, assert_quant_mode
@@ -69,28 +68,12 @@ def load_datasets(data: DataConfig, seed: int) -> DataSets:
     return DataSets(val, calib)
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """`file_sha256` memoised on (path, size, mtime): a sweep hashes a 2.5 GB vit_h checkpoint once."""
-    return file_sha256(Path(path))
-
-
 def model_description(model: ModelConfig) -> dict[str, Any]:
     """What the record says about the model: type, checkpoint path and its SHA-256."""
     checkpoint = Path(model.checkpoint) if model.checkpoint else TESTBED_CHECKPOINT
     sha = "missing"
     if checkpoint.is_file():
-        stat = checkpoint.stat()
-        sha = _cached_sha256(str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns)
+        sha = cached_file_sha256(checkpoint)
     return {"type": model.type, "checkpoint": str(checkpoint), "sha256": sha}
 
 

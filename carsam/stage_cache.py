@@ -56,6 +56,7 @@ from torch.nn.modules import module as module_hooks
 
 from carsam.atomic import replace_atomic
 from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
+from carsam.hashing import cached_file_sha256
 from carsam.quant.fp_reference import SUFFIX, fp_references
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 
@@ -75,25 +76,13 @@ def canonical_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=65536)
-def _content_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def file_content_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, memoised on (resolved path, size, mtime_ns)."""
-    resolved = Path(path).resolve()
-    stat = resolved.stat()
-    return _content_sha256(str(resolved), stat.st_size, stat.st_mtime_ns)
-
-
 def image_file(dataset: CocoBoxPrompts, image_id: int) -> Path:
     """The file that `dataset.load_image(image_id)` reads."""
     return dataset.images_dir / dataset.coco.imgs[image_id]["file_name"]
 
 
 @functools.lru_cache(maxsize=1)
-def library_versions() -> dict[str, str]:
+def numerics_library_versions() -> dict[str, str]:
     """Versions of the libraries whose code computes an embedding (resize, kernels)."""
     found = {}
     for dist in VERSIONED:
@@ -117,7 +106,7 @@ def encoder_fields(sam: nn.Module) -> dict[str, Any]:
 def numerics_fields(device: torch.device) -> dict[str, Any]:
     """What, besides the weights, changes the encoder's numbers: device kind, matmul precision, versions."""
     fields: dict[str, Any] = {"device": device.type, "matmul_precision": torch.get_float32_matmul_precision(),
-                              "versions": library_versions()}
+                              "versions": numerics_library_versions()}
     if device.type == "cuda":
         fields.update(gpu=torch.cuda.get_device_name(device), tf32=[torch.backends.cuda.matmul.allow_tf32,
                                                                     torch.backends.cudnn.allow_tf32])
@@ -198,7 +187,7 @@ class EmbeddingStore:
 
     def key(self, sam: nn.Module, device: torch.device, image_path: str | Path) -> str:
         """The key of `image_path`'s FP embedding by `sam`'s encoder on `device`."""
-        return canonical_key(embedding_key_fields(self.model, sam, device, file_content_sha256(image_path)))
+        return canonical_key(embedding_key_fields(self.model, sam, device, cached_file_sha256(image_path)))
 
     def load(self, key: str) -> ImageEmbedding | None:
         """The stored embedding of `key` (features on CPU), or None if absent or unreadable (a warning)."""
@@ -260,4 +249,4 @@ class EmbeddingStore:
 
 
 __all__ = ["CACHE_FORMAT", "CacheStats", "EmbeddingStore", "canonical_key", "embedding_key_fields", "encoder_fields",
-           "encoder_is_fp", "encoder_is_hooked", "file_content_sha256", "image_file", "numerics_fields"]
+           "encoder_is_fp", "encoder_is_hooked", "image_file", "numerics_fields"]

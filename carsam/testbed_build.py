@@ -23,7 +23,7 @@ from carsam.data.coco import CocoBoxPrompts
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.eval.evaluate import evaluate
 from carsam.models.sam import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
-from carsam.pipeline import file_sha256
+from carsam.hashing import file_sha256
 from carsam.runs import git_commit, library_versions
 from carsam.testbed import TrainSpec, load_training_set, save_checkpoint, train_testbed
 

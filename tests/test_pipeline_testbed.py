@@ -8,6 +8,7 @@ import json
 import pytest
 
 from carsam import pipeline
+from carsam.hashing import file_sha256
 from carsam.config import resolve
 from carsam.models.sam import TESTBED_CARD, TESTBED_CHECKPOINT
 from tests.conftest import experiment
@@ -30,7 +31,7 @@ def _run(tmp_path, root, name: str, *overrides: str) -> dict[str, float]:
 
 def test_shipped_checkpoint_is_the_one_its_card_describes():
     card = json.loads(TESTBED_CARD.read_text())
-    assert pipeline.file_sha256(TESTBED_CHECKPOINT) == card["checkpoint_sha256"]
+    assert file_sha256(TESTBED_CHECKPOINT) == card["checkpoint_sha256"]
     assert TESTBED_CHECKPOINT.stat().st_size == card["checkpoint_bytes"] < 20e6
 
 
