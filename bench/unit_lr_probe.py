@@ -19,19 +19,8 @@ from carsam.config import ReconConfig, resolve
 from carsam.methods.reconstruction import UnitRecipe, quantize_calibrate_, reconstruct_model_
 from carsam.models.sam import TESTBED_CHECKPOINT, build_testbed_from_checkpoint
 from carsam.pipeline import load_datasets
-from carsam.recon.cache import build_unit_cache
-from carsam.recon.losses import lp_error
+from carsam.recon.cache import build_unit_cache, cached_unit_loss
 from carsam.recon.units import find_units
-
-
-def unit_loss(sam: torch.nn.Module, cache) -> float:
-    """Mean over samples of the sum over streams of the unit's MSE (eval mode, no gradient)."""
-    module = cache.unit.module(sam)
-    module.eval()
-    with torch.no_grad():
-        losses = [sum(lp_error(o, t).item() for o, t in zip(cache.unit.run(module, s.args, s.kwargs), s.targets))
-                  for s in cache.samples]
-    return sum(losses) / len(losses)
 
 
 def main(unit_index: int, iters: int, alpha_lr: float) -> None:
@@ -42,11 +31,11 @@ def main(unit_index: int, iters: int, alpha_lr: float) -> None:
     quantize_calibrate_(sam, calib, config)
     unit = find_units(sam, "attention_mlp")[unit_index]
     cache = build_unit_cache(sam, unit, calib, inputs="quantized")
-    rtn = unit_loss(sam, cache)
+    rtn = cached_unit_loss(sam, cache)
     start = time.perf_counter()
     reconstruct_model_(sam, calib, ReconConfig(iters=iters, alpha_lr=alpha_lr, track_interference=False),
                        UnitRecipe(), units=[unit])
-    print(f"{unit.name} iters={iters} alpha_lr={alpha_lr}: RTN {rtn:.5f} -> {unit_loss(sam, cache):.5f} "
+    print(f"{unit.name} iters={iters} alpha_lr={alpha_lr}: RTN {rtn:.5f} -> {cached_unit_loss(sam, cache):.5f} "
           f"({time.perf_counter() - start:.0f} s)")
 
 

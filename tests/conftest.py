@@ -11,7 +11,6 @@ from torch import nn
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.recon.cache import UnitCache, quant_modes_set
-from carsam.recon.losses import lp_error
 from carsam.quant.quantizers import QuantMode
 
 from carsam.data.synthetic import SyntheticSpec, generate_split
@@ -73,17 +72,6 @@ def calib2(small_coco) -> CocoBoxPrompts:
     """Two calibration images (GT-box prompts) of the small synthetic set."""
     pool = CocoBoxPrompts(small_coco["calib_images"], small_coco["calib_annotations"], None, prompt_source="gt_boxes")
     return pool.subset(2, seed=0, require_prompts=True)
-
-
-def cached_unit_loss(sam: nn.Module, cache: UnitCache) -> float:
-    """Mean over the cache's samples of the sum over streams of the unit's MSE against its FP targets
-    (the unit as it is now: hard rounding, eval mode, no gradient)."""
-    module = cache.unit.module(sam)
-    module.eval()
-    with torch.no_grad():
-        losses = [sum(lp_error(o, t).item() for o, t in zip(cache.unit.run(module, s.args, s.kwargs), s.targets))
-                  for s in cache.samples]
-    return sum(losses) / len(losses)
 
 
 def rerun_fp(sam: nn.Module, cache: UnitCache) -> list[tuple[torch.Tensor, ...]]:

@@ -264,4 +264,18 @@ def build_unit_cache(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, *, 
     return cache
 
 
-__all__ = ["INPUT_SOURCES", "UnitCache", "UnitSample", "build_unit_cache", "quant_modes_set", "run_image"]
+def cached_unit_loss(sam: nn.Module, cache: UnitCache) -> float:
+    """Mean over the cache's samples of the sum over streams of the unit's MSE against its FP targets
+    (the unit as it is now: hard rounding, eval mode, no gradient)."""
+    from carsam.recon.losses import lp_error  # losses imports AdaRound; keep this module's imports light
+
+    module = cache.unit.module(sam)
+    module.eval()
+    with torch.no_grad():
+        losses = [sum(lp_error(o, t).item() for o, t in zip(cache.unit.run(module, s.args, s.kwargs), s.targets))
+                  for s in cache.samples]
+    return sum(losses) / len(losses)
+
+
+__all__ = ["INPUT_SOURCES", "UnitCache", "UnitSample", "build_unit_cache", "cached_unit_loss", "quant_modes_set",
+           "run_image"]

@@ -19,7 +19,8 @@ from carsam.quant.logquant import TAUS, LogQuantizer
 from carsam.quant.quantizers import QuantMode, assert_eval_ready, iter_quantizers
 from carsam.recon.cache import build_unit_cache
 from carsam.recon.units import find_units
-from tests.conftest import cached_unit_loss, experiment
+from tests.conftest import experiment
+from carsam.recon.cache import cached_unit_loss
 
 FAST = ReconConfig(iters=10, track_interference=False)  # interference: tests/recon/test_interference.py
 

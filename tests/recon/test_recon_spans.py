@@ -20,7 +20,8 @@ from carsam.recon.cache import build_unit_cache, quant_modes_set
 from carsam.recon.spans import (DecoderSpan, decoder_steps, prologue, run_from, run_steps, span_states,
                                 step_names)
 from carsam.recon.units import DECODER_ATTENTION, find_units
-from tests.conftest import cached_unit_loss, rerun_fp
+from tests.conftest import rerun_fp
+from carsam.recon.cache import cached_unit_loss
 
 T = "mask_decoder.transformer"
 PAIR = ["decoder.layers.0.self_attn", "decoder.layers.0.pair", "decoder.layers.1.self_attn", "decoder.layers.1.pair",

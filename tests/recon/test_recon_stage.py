@@ -13,7 +13,7 @@ from carsam.quant.quantizers import QuantMode, UniformQuantizer, set_quant_prob
 from carsam.recon.cache import build_unit_cache
 from carsam.recon.stage import ReconSettings, ReconstructionStage, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
-from tests.conftest import cached_unit_loss
+from carsam.recon.cache import cached_unit_loss
 
 
 def _weights_only(module) -> None:
