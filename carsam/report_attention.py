@@ -18,21 +18,23 @@ import pandas as pd
 
 from carsam.diagnostics.collector import IMAGE_TO_TOKEN, SELF_ATTN, TOKEN_TO_IMAGE
 from carsam.diagnostics.oscillation import INTERFERENCE, NON_RECON_STREAMS, OSCILLATION, SIGN_CHANGES
+from carsam.diagnostics.writer import ATTENTION_SHORT, head_means
 
-SHORT = {SELF_ATTN: "self", TOKEN_TO_IMAGE: "t2i", IMAGE_TO_TOKEN: "i2t"}
+DECODER_ATTENTIONS = (SELF_ATTN, TOKEN_TO_IMAGE, IMAGE_TO_TOKEN)  # call order within a layer
 
 
 def _attention_label(module: str, layer: int, depth: int) -> str:
     """`t2i 0`, ..., and `t2i final` for the token->image attention after the last layer."""
     if module == TOKEN_TO_IMAGE and layer == depth:
         return "t2i final"
-    return f"{SHORT[module]} {layer}"
+    return f"{ATTENTION_SHORT[module]} {layer}"
 
 
 def _head_means(frame: pd.DataFrame) -> pd.DataFrame:
     """Decoder attention rows of one run: mean over heads, indexed by (module, layer), one column per kind."""
-    rows = frame[frame["module"].isin(list(SHORT))]
-    return rows.groupby(["module", "layer", "kind"])["value"].mean().unstack("kind")
+    means = head_means(frame)
+    decoder = means[means["module"].isin(DECODER_ATTENTIONS)]
+    return decoder.set_index(["module", "layer", "kind"])["value"].unstack("kind")
 
 
 def dissipation_table(diags: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -42,7 +44,8 @@ def dissipation_table(diags: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     means = {label: m for label, m in means.items() if len(m)}
     if not means:
         return pd.DataFrame()
-    index = sorted(set().union(*(m.index for m in means.values())), key=lambda ml: (ml[1], list(SHORT).index(ml[0])))
+    index = sorted(set().union(*(m.index for m in means.values())),
+                   key=lambda ml: (ml[1], DECODER_ATTENTIONS.index(ml[0])))
     depth = max(layer for module, layer in index if module == TOKEN_TO_IMAGE)
     table = pd.DataFrame(index=pd.Index([_attention_label(m, l, depth) for m, l in index], name="attention"))
 

@@ -144,8 +144,9 @@ class Tracker:
 def attention_curves(frame: pd.DataFrame) -> pd.DataFrame:
     """Head-averaged attention rows of a diagnostics table: one value per (module, kind, layer), with
     `step` = layer, so each module/kind is one line over the decoder's layers."""
-    rows = frame[frame["layer"] >= 0]
-    curves = rows.groupby(["module", "kind", "layer"], as_index=False)["value"].mean()
+    from carsam.diagnostics.writer import head_means  # the diagnostics (and torch) only when there are some
+
+    curves = head_means(frame)
     return curves.assign(step=curves["layer"])
 
 

@@ -25,7 +25,8 @@ from carsam.config import RunConfig
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.collector import collect_attention_stats
 from carsam.diagnostics.oscillation import interference_frame, oscillation_frame
-from carsam.diagnostics.writer import DIAGNOSTICS_FILE, diagnostics_frame, summary_metrics, write_diagnostics
+from carsam.diagnostics.writer import (DIAGNOSTICS_FILE, diagnostics_frame, summary_metrics,
+                                      write_diagnostics_frame)
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Mo
         info["attention"] = "skipped: the run quantizes none of diagnostics.scopes"
     frames += recon_frames(details.get("recon"), settings.oscillation_window)
     frame = diagnostics_frame(run_id, frames)
-    write_diagnostics(run_dir, run_id, [frame.drop(columns="run_id")])
+    write_diagnostics_frame(run_dir, frame)
     info.update(rows=len(frame), seconds=round(time.perf_counter() - start, 3))
     logger.info("diagnostics: %d rows in %.1fs -> %s", len(frame), info["seconds"], Path(run_dir) / DIAGNOSTICS_FILE)
     return RunDiagnostics(frame, summary_metrics(frame), info)

@@ -40,16 +40,27 @@ def diagnostics_frame(run_id: str, frames: Iterable[pd.DataFrame]) -> pd.DataFra
     return df.astype(DTYPES).reset_index(drop=True)
 
 
-def write_diagnostics(run_dir: str | Path, run_id: str, frames: Iterable[pd.DataFrame]) -> Path:
-    """Write `run_dir/diagnostics.parquet` atomically (`run_dir` = the run's folder, `runs/<run_id>`)."""
-    df = diagnostics_frame(run_id, frames)
+def write_diagnostics_frame(run_dir: str | Path, df: pd.DataFrame) -> Path:
+    """Write a `diagnostics_frame` table to `run_dir/diagnostics.parquet` atomically."""
     return replace_atomic(Path(run_dir) / DIAGNOSTICS_FILE, lambda tmp: df.to_parquet(tmp, engine="pyarrow",
                                                                                        index=False))
+
+
+def write_diagnostics(run_dir: str | Path, run_id: str, frames: Iterable[pd.DataFrame]) -> Path:
+    """Write `run_dir/diagnostics.parquet` atomically (`run_dir` = the run's folder, `runs/<run_id>`)."""
+    return write_diagnostics_frame(run_dir, diagnostics_frame(run_id, frames))
 
 
 def read_diagnostics(run_dir: str | Path) -> pd.DataFrame:
     """The diagnostics table of one run folder, with the dtypes of `DTYPES`."""
     return pd.read_parquet(Path(run_dir) / DIAGNOSTICS_FILE, engine="pyarrow").astype(DTYPES)
+
+
+def head_means(df: pd.DataFrame) -> pd.DataFrame:
+    """The attention rows of a diagnostics table (layer >= 0) averaged over heads: columns
+    module, kind, layer, value."""
+    rows = df[df["layer"] >= 0]
+    return rows.groupby(["module", "kind", "layer"], as_index=False)["value"].mean()
 
 
 def _mean(values: pd.Series) -> float | None:
@@ -88,5 +99,5 @@ def summary_metrics(df: pd.DataFrame) -> dict[str, float]:
     return {name: value for name, value in sorted(metrics.items()) if value is not None}
 
 
-__all__ = ["COLUMNS", "DIAGNOSTICS_FILE", "diagnostics_frame", "read_diagnostics", "summary_metrics",
-           "write_diagnostics"]
+__all__ = ["COLUMNS", "DIAGNOSTICS_FILE", "diagnostics_frame", "head_means", "read_diagnostics", "summary_metrics",
+           "write_diagnostics", "write_diagnostics_frame"]
