@@ -21,7 +21,9 @@ Runs that differ from their method's usual settings in anything else carry it in
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -48,8 +50,13 @@ NOTE = ("Cells: mean over the completed runs that differ only in seed or data se
 
 def runs_table(runs_dir: str | Path) -> pd.DataFrame:
     """One row per run: identity columns, every `eval/*` metric, and the total time in seconds."""
+    return records_table(list_records(runs_dir))
+
+
+def records_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """`runs_table` of records already read."""
     rows = []
-    for rec in list_records(runs_dir):
+    for rec in records:
         row = {k: rec.get(k) for k in COLUMNS}
         row.update({k: v for k, v in rec.get("metrics", {}).items()})
         row["seconds"] = rec.get("timings", {}).get("total")
@@ -186,35 +193,33 @@ def _listing(title: str, frame: pd.DataFrame, path: Path, written: list[Path]) -
     return to_markdown(frame, title)
 
 
-def _figures_section(runs_dir: str | Path, out: Path, written: list[Path]) -> str:
-    from carsam.report_figures import write_figures  # matplotlib and the diagnostics readers, only on demand
+def _diagnostics_sections(runs_dir: str | Path, records: Sequence[Mapping[str, Any]], out: Path,
+                          written: list[Path]) -> list[str]:
+    """The dissipation and oscillation tables (`carsam.report_attention`) and the figures
+    (`carsam.report_figures`) of the runs that have diagnostics, each diagnostics file read once."""
+    from carsam.report_attention import dissipation_table, oscillation_table  # matplotlib and the diagnostics
+    from carsam.report_figures import figures_of, load_diagnostics          # readers, only on demand
 
-    result = write_figures(runs_dir, out / "figures")
-    written += result.written
-    lines = [f"- `{p.relative_to(out)}`" for p in result.written] or ["- none (no run has diagnostics)"]
-    if result.skipped:
-        lines.append(f"- skipped, no diagnostics.parquet: {', '.join(result.skipped)}")
-    return "### Figures\n\n" + "\n".join(lines) + "\n"
-
-
-def _diagnostics_section(runs_dir: str | Path, out: Path, written: list[Path]) -> str:
-    """The dissipation and oscillation tables of the runs that have diagnostics (`carsam.report_attention`)."""
-    from carsam.report_attention import dissipation_table, oscillation_table
-    from carsam.report_figures import load_diagnostics
-
-    diags, _ = load_diagnostics(runs_dir)
+    diags, skipped = load_diagnostics(runs_dir, records=records)
     sections = []
     for name, title, table in (
             ("dissipation", "Attention dissipation per decoder attention (mean over heads; dH = entropy_q - "
                             "entropy_fp, normalised entropy; KL(P_fp || P_q) in nats; mask mass: token->image mass "
                             "inside the prompt's GT mask)", dissipation_table(diags)),
-            ("oscillation", "Reconstruction oscillation per unit (mean over output streams)", oscillation_table(diags))):
+            ("oscillation", "Reconstruction oscillation per unit (mean over output streams)",
+             oscillation_table(diags))):
         if table.empty:
             continue
         written.append(write_text_atomic(out / f"{name}.md", to_markdown(table, title, digits=4)))
         written.append(_csv(table, out / f"{name}.csv"))
         sections.append(to_markdown(table, title, digits=4))
-    return "\n".join(sections)
+    result = figures_of(diags, skipped, out / "figures")
+    written += result.written
+    lines = [f"- `{p.relative_to(out)}`" for p in result.written] or ["- none (no run has diagnostics)"]
+    if result.skipped:
+        lines.append(f"- skipped, no diagnostics.parquet: {', '.join(result.skipped)}")
+    sections.append("### Figures\n\n" + "\n".join(lines) + "\n")
+    return sections
 
 
 def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, figures: bool = False) -> list[Path]:
@@ -222,15 +227,15 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, figure
     `report.md` (all sections: completed runs, the four ablation tables, superseded and incomplete runs,
     figures), each ablation table as `.md`/`.tex`/`.csv`, `runs.csv` (`runs_table`), `long.csv`
     (`long_table`), `superseded.csv`/`incomplete.csv` when there are any, and with `figures` the PNGs
-    of `carsam.report_figures` under `figures/` with the
-    dissipation and oscillation tables of `carsam.report_attention` (`dissipation.*`, `oscillation.*`). Returns the paths written, `report.md` last; nothing
-    (an empty list) when there is no record."""
+    of `carsam.report_figures` under `figures/` with the dissipation and oscillation tables of
+    `carsam.report_attention` (`dissipation.*`, `oscillation.*`). Returns the paths written, `report.md`
+    last; nothing (an empty list) when there is no record."""
     records = list_records(runs_dir)
     if not records:
         return []
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "report"
     long = records_long(records)
-    written = [_csv(runs_table(runs_dir), out / "runs.csv"), _csv(long, out / "long.csv")]
+    written = [_csv(records_table(records), out / "runs.csv"), _csv(long, out / "long.csv")]
     done = long.loc[long["status"] == COMPLETED, "run_id"].nunique()
     sections = [f"# carsam report\n\n{len(records)} run records under `{runs_dir}`, {done} completed. {NOTE}\n",
                 _summary_section(long)]
@@ -245,12 +250,11 @@ def write_report(runs_dir: str | Path, out_dir: str | Path | None = None, figure
     sections.append(_listing("Runs not completed (left out of the tables)", incomplete_runs(records),
                              out / "incomplete.csv", written))
     if figures:
-        sections.append(_diagnostics_section(runs_dir, out, written))
-        sections.append(_figures_section(runs_dir, out, written))
+        sections += _diagnostics_sections(runs_dir, records, out, written)
     written.append(write_text_atomic(out / "report.md", "\n".join(s for s in sections if s)))
     return written
 
 
 __all__ = ["TABLE_METRICS", "TITLES", "ablation_tables", "aggregate", "jcar_groupings_table", "latest_runs",
-           "long_table", "mac_jcar_table", "mac_readings_table", "method_bits_table", "runs_summary", "runs_table",
-           "superseded_runs", "write_report"]
+           "long_table", "mac_jcar_table", "mac_readings_table", "method_bits_table", "records_table", "runs_summary",
+           "runs_table", "superseded_runs", "write_report"]

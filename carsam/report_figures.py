@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from carsam.atomic import replace_atomic
 from carsam.diagnostics.collector import IMAGE_TO_TOKEN, SELF_ATTN, TOKEN_TO_IMAGE
 from carsam.diagnostics.oscillation import LOSS, NON_RECON_STREAMS, OSCILLATION
-from carsam.diagnostics.writer import DIAGNOSTICS_FILE, read_diagnostics
+from carsam.diagnostics.writer import DIAGNOSTICS_FILE, head_means, read_diagnostics
 from carsam.runs import list_records
 
 logger = logging.getLogger(__name__)
@@ -53,11 +53,12 @@ def run_labels(records: Sequence[Mapping]) -> dict[str, str]:
     return {r["run_id"]: n if names.count(n) == 1 else f"{n} ({r['run_id'][-6:]})" for r, n in zip(records, names)}
 
 
-def load_diagnostics(runs_dir: str | Path, run_ids: Sequence[str] | None = None
-                     ) -> tuple[dict[str, pd.DataFrame], list[str]]:
+def load_diagnostics(runs_dir: str | Path, run_ids: Sequence[str] | None = None,
+                     records: Sequence[Mapping] | None = None) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """({label: diagnostics frame} of the completed runs that have one, [labels of those that have none]).
-    `run_ids` restricts the runs (default: every completed run)."""
-    records = [r for r in list_records(runs_dir) if r.get("status") == "completed"
+    `run_ids` restricts the runs (default: every completed run); `records`: the runs' records when the
+    caller has read them already (default: read from `runs_dir`)."""
+    records = [r for r in (list_records(runs_dir) if records is None else records) if r.get("status") == "completed"
                and (run_ids is None or r["run_id"] in run_ids)]
     labels = run_labels(records)
     frames, skipped = {}, []
@@ -72,8 +73,9 @@ def load_diagnostics(runs_dir: str | Path, run_ids: Sequence[str] | None = None
 
 def layer_profile(diag: pd.DataFrame, module: str, kind: str) -> pd.Series:
     """The mean over heads of `kind` for `module`, indexed by layer (empty if the run has no such rows)."""
-    rows = diag[(diag["module"] == module) & (diag["kind"] == kind)]
-    return rows.groupby("layer")["value"].mean().sort_index()
+    means = head_means(diag)
+    rows = means[(means["module"] == module) & (means["kind"] == kind)]
+    return rows.set_index("layer")["value"].sort_index()
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -174,8 +176,13 @@ def plot_recon_loss(diag: pd.DataFrame, title: str, path: str | Path) -> Path | 
 
 def write_figures(runs_dir: str | Path, out_dir: str | Path, run_ids: Sequence[str] | None = None) -> FigureResult:
     """Write the module docstring's PNGs for the completed runs (or `run_ids`) to `out_dir`."""
+    return figures_of(*load_diagnostics(runs_dir, run_ids), out_dir)
+
+
+def figures_of(diags: Mapping[str, pd.DataFrame], skipped: Sequence[str], out_dir: str | Path) -> FigureResult:
+    """`write_figures` on diagnostics already loaded (`load_diagnostics`): {label: frame}, labels without."""
     out = Path(out_dir)
-    diags, skipped = load_diagnostics(runs_dir, run_ids)
+    skipped = list(skipped)
     if skipped:
         logger.debug("no %s, left out of the figures: %s", DIAGNOSTICS_FILE, ", ".join(skipped))
     written = [plot_attention_entropy(diags, out / "attention_entropy.png"),
