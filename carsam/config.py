@@ -261,10 +261,11 @@ class DiagnosticsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """Stage caching (carsam.stage_cache): the FP image embeddings of calibration and evaluation images,
-    on disk under `dir` (empty: `<runs_dir>/.cache`), shared by runs, sweep trials and worker processes.
-    Keyed by exactly what they depend on (checkpoint hash, encoder, image bytes, versions), so a stale
-    entry is never read; served only while the image encoder is in full precision."""
+    """Stage caching, on disk under `dir` (empty: `<runs_dir>/.cache`), shared by runs, sweep trials and
+    worker processes: the FP image embeddings of calibration and evaluation images (carsam.stage_cache;
+    served only while the image encoder is in full precision) and PTQ4SAM's prepared quantized model
+    (carsam.prepared_cache; PTQ4SAM and CAR-SAM runs). Each entry is keyed by exactly what it depends
+    on, so a stale entry is never read; `enabled=false` turns both off."""
 
     enabled: bool = True
     dir: str = ""

@@ -34,6 +34,7 @@ from carsam.methods.registry import get_method
 from carsam.models.sam import TESTBED_CHECKPOINT, build_model
 from carsam.quant.quantizers import QuantMode, assert_eval_ready, assert_quant_mode
 from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
+from carsam.prepared_cache import PreparedStore, prepared_source
 from carsam.stage_cache import EmbeddingStore
 from carsam.tracking import Tracker, log_diagnostic_curves
 
@@ -195,6 +196,13 @@ def make_embedding_store(config: RunConfig) -> EmbeddingStore | None:
     return EmbeddingStore(cache_dir(config), model_description(config.model))
 
 
+def make_prepared_store(config: RunConfig) -> PreparedStore | None:
+    """The run's on-disk cache of prepared quantized models (None: `cache.enabled=false` or model-free)."""
+    if not config.cache.enabled or not get_method(config.method).uses_model:
+        return None
+    return PreparedStore(cache_dir(config), model_description(config.model))
+
+
 def make_tracker(config: RunConfig) -> Tracker:
     """The run's W&B tracker, as `config.tracking` says (tests replace this to keep W&B out)."""
     return Tracker(config.tracking.mode, config.tracking.project, config.tracking.entity or None)
@@ -218,9 +226,13 @@ def _finish_tracking(tracker: Tracker, record: RunRecord, diagnostics: pd.DataFr
         record.details["wandb"] = {"id": wandb_id, "mode": mode}
 
 
-def _record_cache(record: RunRecord, store: EmbeddingStore | None) -> None:
-    """`details.cache`: the embedding cache's hits, misses, bypassed passes (encoder not FP) and folder."""
-    record.details["cache"] = store.summary() if store is not None else {"enabled": False}
+def _record_cache(record: RunRecord, store: EmbeddingStore | None, prepared: PreparedStore | None) -> None:
+    """`details.cache`: the embedding cache's hits, misses, bypassed passes (encoder not FP) and folder, and
+    under `prepared` the prepared-model cache's counts."""
+    if store is None:
+        record.details["cache"] = {"enabled": False}
+        return
+    record.details["cache"] = {**store.summary(), "prepared": prepared.summary() if prepared is not None else None}
 
 
 def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | None = None) -> RunRecord:
@@ -238,13 +250,13 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     record.details.update(extra or {}, command=" ".join(sys.argv))
     write_record(run_dir, record)
     tracker = _start_tracking(config, run_id, run_dir)
-    store = make_embedding_store(config)
+    store, prepared = make_embedding_store(config), make_prepared_store(config)
     diagnostics = None
     start = time.perf_counter()
     try:
-        with embedding_source(store):
+        with embedding_source(store), prepared_source(prepared):
             sam, data = _execute(config, record, progress)
-            _record_cache(record, store)
+            _record_cache(record, store, prepared)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
             diagnostics = _diagnose(config, record, run_dir, sam, data)
     except BaseException as err:
@@ -253,7 +265,7 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     else:
         record.status = "completed"
     finally:
-        _record_cache(record, store)
+        _record_cache(record, store, prepared)
         record.timings["total"] = round(time.perf_counter() - start, 3)
         _finish_tracking(tracker, record, diagnostics)
         write_record(run_dir, record)

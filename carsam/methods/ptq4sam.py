@@ -29,6 +29,7 @@ see the FP model):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ from carsam.methods.reconstruction import qdrop_recipe, reconstruct_model_
 from carsam.methods.registry import Method, register
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE, quantize_
+from carsam.prepared_cache import active_prepared_store
 from carsam.quant.logquant import TAUS, LogQuantizer, pv_error
 from carsam.quant.quantizers import QuantizerBase, QuantMode, iter_quantizers
 from carsam.recon.cache import quant_modes_set
@@ -182,17 +184,39 @@ def adopt_log_softmax_(sam: nn.Module, calib: CocoBoxPrompts, encoder: bool = Fa
     return report
 
 
-def prepare_ptq4sam_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
-    """Steps 1-4 of the module docstring (quantize, BIG, AGQ, calibrate): PTQ4SAM before reconstruction.
-
-    Returns the details `big`, `agq`, `num_quantizers` and `calib_images`. CAR-SAM starts from here too.
-    """
+def _prepare(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
     quantize_(sam, config.quant)
     big = integrate_bimodal_keys_(sam, calib) if config.quant.quantize_decoder else {}
     agq = adopt_log_softmax_(sam, calib, encoder=config.recon.agq_encoder and config.quant.quantize_encoder)
     calibrate_(sam, calib)
     return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib), "big": big,
             "agq": agq}
+
+
+def rebuild_prepared_(sam: nn.Module, config: RunConfig, details: dict[str, Any]) -> None:
+    """The module structure `prepare_ptq4sam_` leaves on the FP `sam`, from its `details`: `quantize_`, then
+    each AGQ attention's log quantizer (bits and tau as recorded). Values come from a state dict after."""
+    quantize_(sam, config.quant)
+    device = next(sam.parameters()).device
+    for path, chosen in details["agq"].items():
+        attn = sam.get_submodule(path)
+        attn.pv_matmul.lhs_quantizer = LogQuantizer(int(chosen["bits"]), tau=int(chosen["tau"]), scale=1.0).to(device)
+
+
+def prepare_ptq4sam_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring (quantize, BIG, AGQ, calibrate): PTQ4SAM before reconstruction.
+
+    Returns the details `big`, `agq`, `num_quantizers` and `calib_images`. CAR-SAM starts from here too.
+    Inside a run with the stage cache on (`carsam.prepared_cache`), a preparation already done with the
+    same model, `config.quant`, `recon.agq_encoder`, calibration set, code and RNG state is restored
+    from disk instead (bit-identical).
+    """
+    store = active_prepared_store()
+    if store is None:
+        return _prepare(sam, calib, config)
+    fields = {"quant": dataclasses.asdict(config.quant), "agq_encoder": config.recon.agq_encoder}
+    return store.prepare(sam, calib, "ptq4sam", fields, lambda: _prepare(sam, calib, config),
+                         lambda details: rebuild_prepared_(sam, config, details))
 
 
 def apply_ptq4sam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
@@ -206,4 +230,4 @@ register(Method("ptq4sam", apply_ptq4sam,
                 summary="PTQ4SAM: QDrop reconstruction + bimodal sign folding + log softmax quantizer (AGQ)"))
 
 __all__ = ["adopt_log_softmax_", "apply_ptq4sam", "collect_keys", "fp_calibration_pass", "integrate_bimodal_keys_",
-           "prepare_ptq4sam_", "softmax_attentions", "token_to_image_attentions"]
+           "prepare_ptq4sam_", "rebuild_prepared_", "softmax_attentions", "token_to_image_attentions"]
