@@ -10,7 +10,10 @@ step the corrected probabilities), and a last pass measures the result. Attentio
 processed in data-flow order, encoder first, so later attentions see the earlier corrections.
 
 Streaming: per image the FP pass keeps only the attention's operands (`N × d` per call); the quantized
-pass folds each call into the normal equations as it happens; only `(E+1)²`-sized sums persist.
+pass folds each call into the normal equations as it happens; only `(E+1)²`-sized sums persist. The FP
+operands of one attention are the same in all of its passes (the FP model never changes), so they are
+computed in its first pass and kept for the others (`FpCallMemo`, up to `FP_MEMO_BYTES`: about 15 MiB
+per image for a real-SAM token->image attention); a sample beyond the budget reruns its FP phase.
 Decoder attentions reuse each image's FP and quantized image embeddings (kept on CPU, about 4 MiB per
 image and phase on real SAM; `cache_embeddings`), which MAC on the decoder cannot change.
 
@@ -66,6 +69,7 @@ STEPS = {"qk": ("q", "k"), "pv": ("v",), "both": ("q", "k", "v")}
 ENCODER_Q_SKIPPED = "encoder: the relative-position term depends on the unquantized queries (see mac.py)"
 Attention = QuantDecoderAttention | QuantEncoderAttention
 Sample = Callable[[str], None]  # runs one calibration sample through the model in phase "fp" | "quantized"
+FP_MEMO_BYTES = 2 << 30  # FP calls of one attention kept across its steps (real SAM: ~20 MiB per image)
 
 
 # ---------------------------------------------------------------- weights: projections, backup, apply
@@ -255,17 +259,50 @@ def _phase(model: nn.Module, phase: str) -> Iterator[None]:
         yield
 
 
-def run_pairs(model: nn.Module, samples: Sequence[Sample], capture: StepCapture) -> None:
-    """Run every sample twice (FP, then quantized) under no_grad and eval mode, feeding `capture`."""
+class FpCallMemo:
+    """The FP phase's calls of one attention, per sample, kept across the MAC steps of that attention.
+
+    FP passes run the original weights whatever the corrections (`fp_weights`), so every step of an
+    attention sees the same FP calls; the memo keeps each sample's (`lhs`, `rhs`, `out` per call) from
+    the first pass and later passes skip the FP phase. Samples are kept until `budget_bytes` is reached;
+    the rest run their FP phase each time (same numbers, more time).
+    """
+
+    def __init__(self, budget_bytes: int = FP_MEMO_BYTES) -> None:
+        self.budget_bytes, self.nbytes, self.calls = budget_bytes, 0, {}
+
+    def get(self, index: int) -> list[dict[str, Tensor]] | None:
+        """The FP calls kept for sample `index`, or None."""
+        return self.calls.get(index)
+
+    def keep(self, index: int, calls: list[dict[str, Tensor]]) -> None:
+        """Keep sample `index`'s FP calls if they fit the budget."""
+        size = sum(t.numel() * t.element_size() for call in calls for t in call.values())
+        if self.nbytes + size <= self.budget_bytes:
+            self.calls[index], self.nbytes = calls, self.nbytes + size
+
+
+def run_pairs(model: nn.Module, samples: Sequence[Sample], capture: StepCapture,
+              fp_memo: FpCallMemo | None = None) -> None:
+    """Run every sample twice (FP, then quantized) under no_grad and eval mode, feeding `capture`; the FP
+    phase of a sample held by `fp_memo` is served from it instead (and a computed one offered to it)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for sample in samples:
-                for phase in PHASES:
-                    capture.begin(phase)
-                    with _phase(model, phase):
-                        sample(phase)
+            for index, sample in enumerate(samples):
+                capture.begin(PHASES[0])
+                kept = fp_memo.get(index) if fp_memo is not None else None
+                if kept is not None:
+                    capture.fp_calls = kept
+                else:
+                    with _phase(model, PHASES[0]):
+                        sample(PHASES[0])
+                    if fp_memo is not None:
+                        fp_memo.keep(index, capture.fp_calls)
+                capture.begin(PHASES[1])
+                with _phase(model, PHASES[1]):
+                    sample(PHASES[1])
                 capture.end_sample()
     finally:
         model.train(was_training)
@@ -317,11 +354,11 @@ def _solve(capture: StepCapture, damping: float, where: str) -> tuple[Tensor, fl
 
 
 def _step(attn: Attention, model: nn.Module, samples: Sequence[Sample], proj: Projection | None, strength: float,
-          damping: float, name: str) -> tuple[dict[str, float], dict[str, Any]]:
+          damping: float, name: str, fp_memo: FpCallMemo | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """One paired pass measuring the current errors and, for `proj`, solving and applying its correction."""
     capture = StepCapture(attn, proj)
     try:
-        run_pairs(model, samples, capture)
+        run_pairs(model, samples, capture, fp_memo)
     finally:
         capture.remove()
     errors = capture.meter.summary()
@@ -335,14 +372,17 @@ def _step(attn: Attention, model: nn.Module, samples: Sequence[Sample], proj: Pr
 
 
 def correct_attention_(attn: Attention, model: nn.Module, samples: Sequence[Sample], steps: Sequence[str],
-                       strength: float, damping: float, name: str) -> dict[str, Any]:
+                       strength: float, damping: float, name: str,
+                       fp_memo_bytes: int = FP_MEMO_BYTES) -> dict[str, Any]:
     """Apply the MAC `steps` (`q`, `k`, `v`, in order) to `attn`, each solved on fresh paired passes of
-    `samples` through `model`; in place. Returns per step its solve record and the errors before/after."""
+    `samples` through `model`; in place. The FP phase runs once per sample (`FpCallMemo`, up to
+    `fp_memo_bytes`; 0 runs it in every pass). Returns per step its solve record and the errors before/after."""
     records: dict[str, dict[str, Any]] = {}
     previous = None
+    fp_memo = FpCallMemo(fp_memo_bytes)
     for step in (*steps, None):
         proj = projection(attn, step) if step is not None else None
-        errors, solved = _step(attn, model, samples, proj, strength, damping, name)
+        errors, solved = _step(attn, model, samples, proj, strength, damping, name, fp_memo)
         if previous is not None:
             records[previous].update({f"{k}_after": v for k, v in errors.items()})
         if step is not None:
@@ -427,6 +467,6 @@ def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
     return record
 
 
-__all__ = ["MacError", "Projection", "StepCapture", "apply_correction_", "apply_mac_",
+__all__ = ["FP_MEMO_BYTES", "FpCallMemo", "MacError", "Projection", "StepCapture", "apply_correction_", "apply_mac_",
            "attention_errors", "check_ready", "correct_attention_", "mac_attentions", "projection",
            "refresh_weight_range_", "run_pairs", "sam_samples", "steps_for"]

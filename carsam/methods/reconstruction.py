@@ -51,7 +51,7 @@ from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import (QuantizerBase, UniformQuantizer, assert_eval_ready, iter_quantizers,
                                      set_quant_prob)
 from carsam.recon.cache import UnitCache, build_unit_cache
-from carsam.recon.interference import boundary_errors
+from carsam.recon.interference import FpTraces, boundary_errors
 from carsam.recon.stage import ReconResult, ReconSettings, reconstruct_unit
 from carsam.recon.units import ReconUnit, find_units
 
@@ -177,14 +177,16 @@ def finish_(sam: nn.Module) -> int:
     return baked
 
 
-def interference_entry(sam: nn.Module, calib: CocoBoxPrompts, after: str, images: int) -> dict[str, Any]:
-    """`{"after": after, "errors": boundary_errors(...)}` with every AdaRound layer in hard rounding.
+def interference_entry(sam: nn.Module, calib: CocoBoxPrompts, after: str, images: int,
+                       fp_traces: FpTraces | None = None) -> dict[str, Any]:
+    """`{"after": after, "errors": boundary_errors(...)}` with every AdaRound layer in hard rounding; the
+    FP side comes from `fp_traces` when it holds it (one per reconstruction, see `FpTraces`).
 
     QDrop needs no reset here: `boundary_errors` runs in eval mode, where `quant_prob` has no effect
     (and each reconstructed unit was already set back to `quant_prob = 1`).
     """
     set_soft_rounding(sam, False)
-    return {"after": after, "errors": boundary_errors(sam, calib, images)}
+    return {"after": after, "errors": boundary_errors(sam, calib, images, fp_traces)}
 
 
 def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
@@ -204,15 +206,17 @@ def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     interference: list[dict[str, Any]] = []
+    fp_traces = FpTraces()
     for unit in units:
         track = track_interference and not unit.in_encoder
         if track and not interference:
-            interference.append(interference_entry(sam, calib, INTERFERENCE_START, interference_images))
+            interference.append(interference_entry(sam, calib, INTERFERENCE_START, interference_images,
+                                                       fp_traces))
         record = reconstruct_unit_in_model_(sam, unit, calib, recon, recipe, settings_for)
         if record is not None:
             records.append(record)
             if track:
-                interference.append(interference_entry(sam, calib, unit.name, interference_images))
+                interference.append(interference_entry(sam, calib, unit.name, interference_images, fp_traces))
     baked = finish_(sam)
     seconds = time.perf_counter() - start
     logger.info("reconstructed %d units (%d layers baked) in %.1fs", len(records), baked, seconds)

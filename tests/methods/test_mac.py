@@ -272,3 +272,24 @@ def test_apply_mac_with_strength_zero_is_bit_identical(quantized_testbed, calib2
     original = quantized_testbed.state_dict()
     for key, value in sam.state_dict().items():
         assert torch.equal(_bits(value), _bits(original[key])), key
+
+
+def test_fp_phase_runs_once_per_sample_and_gives_the_same_corrections():
+    """The FP calls kept across an attention's steps (`FpCallMemo`) change no number: same weights and records
+    as rerunning the FP phase in every pass, with one FP run per sample instead of one per pass."""
+    results = {}
+    for budget in (0, 1 << 30):
+        mix = HeadMix(_mixing(HEADS, 4, seed=2), transposed=True)
+        twin = _decoder_twin(make_a=lambda p: mix if p == KEY_QUANTIZER else None,
+                             make_w=lambda p: AddToWeight(0.1 * torch.ones(E // 2, E, dtype=torch.float64))
+                             if p == "v_proj.weight_quantizer" else None)
+        phases: list[str] = []
+        samples = [functools.partial(lambda s, phase: (phases.append(phase), s(phase)), s)
+                   for s in _decoder_samples(twin, n=3)]
+        record = correct_attention_(twin, twin, samples, ("q", "k", "v"), 0.7, 0.01, "memo", fp_memo_bytes=budget)
+        results[budget] = (record, {k: v.clone() for k, v in twin.state_dict().items()}, phases.count("fp"))
+    (plain, plain_state, plain_fp), (memo, memo_state, memo_fp) = results[0], results[1 << 30]
+    assert (plain_fp, memo_fp) == (3 * 4, 3)  # 3 samples x (3 steps + the final measurement) vs once each
+    strip = lambda r: {s: {k: v for k, v in rec.items() if k != "solve_seconds"} for s, rec in r.items()}  # noqa: E731
+    assert strip(plain) == strip(memo)
+    assert all(torch.equal(plain_state[k], memo_state[k]) for k in plain_state)

@@ -10,7 +10,8 @@ from carsam.methods.jcar import jcar_settings_for
 from carsam.methods.reconstruction import UnitRecipe, recon_settings, reconstruct_model_
 from carsam.quant.quantizers import QuantMode, quant_modes
 from carsam.recon.cache import quant_modes_set
-from carsam.recon.interference import boundary_errors, paired_errors
+from carsam.quant.fp_reference import SUFFIX, remember_fp_
+from carsam.recon.interference import FpTraces, boundary_errors, paired_errors
 from carsam.recon.spans import step_names
 from carsam.recon.units import find_units
 
@@ -74,3 +75,33 @@ def test_reconstruction_records_interference_before_and_after_each_decoder_unit(
         entries[2]["errors"]["layers.0.cross_attn_token_to_image"]  # upstream of both units: unchanged
     weights = dict(record["units"][1]["stage"]["stream_weights"])
     assert set(weights) == {"queries", "keys"} and record["units"][0]["stage"]["reduction"] == "qdrop"
+
+
+def test_kept_fp_traces_give_the_errors_of_fresh_ones_after_the_quantized_model_changes(qsam, calib2):
+    """`FpTraces` (one per reconstruction): the FP side is decoded once; changing the quantized model (here
+    a weight changed in place with its FP reference kept, as MAC and baked AdaRound do) changes the
+    errors but not the FP side, so kept and fresh traces agree exactly."""
+    kept = FpTraces()
+    before = boundary_errors(qsam, calib2, max_images=2, fp_traces=kept)
+    assert set(kept.kept) == set(calib2.image_ids[:2]) and kept.nbytes > 0
+    state = [s for calls in kept.kept.values() for trace in calls for _, s in trace]
+    assert kept.nbytes == sum(t.numel() * t.element_size() for s in state for t in s)  # the estimate is exact
+    proj = qsam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.q_proj
+    original = proj.weight.detach().clone()
+    remember_fp_(proj, "weight")
+    try:
+        with torch.no_grad():
+            proj.weight.mul_(1.5)
+        changed = boundary_errors(qsam, calib2, max_images=2, fp_traces=kept)
+        fresh = boundary_errors(qsam, calib2, max_images=2)
+    finally:
+        with torch.no_grad():
+            proj.weight.copy_(original)
+        del proj._buffers["weight" + SUFFIX]
+    assert changed == fresh and changed != before
+
+
+def test_fp_traces_beyond_the_budget_are_traced_afresh(qsam, calib2):
+    none_kept = FpTraces(budget_bytes=0)
+    assert boundary_errors(qsam, calib2, max_images=2, fp_traces=none_kept) == boundary_errors(qsam, calib2, 2)
+    assert none_kept.kept == {} and none_kept.nbytes == 0
