@@ -1,11 +1,12 @@
-"""One decoder-knob sweep trial on the testbed with a cold and with a warm stage cache (FP image embeddings).
+"""One decoder-knob sweep trial on the testbed with a cold and with a warm stage cache (FP image embeddings
+and PTQ4SAM's prepared quantized model).
 
 The trial is what `make sweep` runs (`sweeps/carsam_quick.py`): CAR-SAM W4A4 with the image encoder in
 full precision, 50 reconstruction steps per unit, 8 calibration and 60 val images, at one fixed point
 of its space (diagnostics on, W&B off). Per repeat: a run with `cache.enabled=false` (off: every
-encoder pass runs, as before stage caching), a run on an empty cache folder (cold: each image is
-encoded once and written, later passes of the same run read it back), then the same run again (warm:
-every embedding is read back). The three runs must give identical metrics. Printed: wall and CPU
+encoder pass and the preparation run, as before stage caching), a run on an empty cache folder (cold:
+each image is encoded once and written, later passes of the same run read it back; the preparation
+runs and is written), then the same run again (warm: every embedding and the preparation are read back). The three runs must give identical metrics. Printed: wall and CPU
 seconds (medians over repeats), the off/warm and cold/warm ratios, the per-stage timings of the
 records, the cache counts and the seconds the cache spent on hits (key + read) and misses (key +
 encode + write): 244 x the miss cost is what the encoder costs this trial without a cache.
@@ -47,8 +48,11 @@ def timed_run(runs_dir: Path, cache_dir: Path, extra: list[str]) -> dict[str, An
 def stage_line(name: str, run: dict[str, Any]) -> str:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in run["timings"].items())
     cache = run["cache"]
-    counts = (f"{cache['hits']} hits ({cache['hit_seconds']:.2f} s), {cache['misses']} misses "
-              f"({cache['miss_seconds']:.2f} s)") if cache.get("enabled") else "off"
+    prepared = cache.get("prepared") or {}
+    counts = (f"embeddings {cache['hits']} hits ({cache['hit_seconds']:.2f} s), {cache['misses']} misses "
+              f"({cache['miss_seconds']:.2f} s); prepared {prepared.get('hits')} hits "
+              f"({prepared.get('hit_seconds', 0):.2f} s), {prepared.get('misses')} misses "
+              f"({prepared.get('miss_seconds', 0):.2f} s)") if cache.get("enabled") else "off"
     return f"  {name:4s}: {stages} | method: recon {run['recon_s']:.1f}, mac {run['mac_s']:.1f} | cache: {counts}"
 
 
