@@ -8,8 +8,9 @@ encoder pass and the preparation run, as before stage caching), a run on an empt
 each image is encoded once and written, later passes of the same run read it back; the preparation
 runs and is written), then the same run again (warm: every embedding and the preparation are read back). The three runs must give identical metrics. Printed: wall and CPU
 seconds (medians over repeats), the off/warm and cold/warm ratios, the per-stage timings of the
-records, the cache counts and the seconds the cache spent on hits (key + read) and misses (key +
-encode + write): 244 x the miss cost is what the encoder costs this trial without a cache.
+records, the cache counts and the seconds the caches spent on hits (key + read) and misses (key +
+compute + write): (hits + misses) x the embedding miss cost is what the encoder costs the run, and the
+prepared miss seconds are what the preparation costs it.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/stage_cache.py --repeats 2
 """

@@ -26,9 +26,9 @@ from carsam.config import ConfigError, DataConfig, ModelConfig, RunConfig, dump_
 from carsam.data.coco import CocoBoxPrompts
 from carsam.atomic import write_text_atomic
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
-from carsam.diagnostics.run import diagnose_run
+from carsam.diagnostics.run import diagnose_run, diagnostic_images
 from carsam.eval.evaluate import box_as_mask_floor, evaluate
-from carsam.eval.inference import embedding_source
+from carsam.eval.inference import active_embedding_source, embedding_source
 from carsam.hashing import cached_file_sha256
 from carsam.methods.registry import get_method
 from carsam.models.sam import TESTBED_CHECKPOINT, build_model
@@ -138,9 +138,19 @@ def assert_ready_to_evaluate(sam: torch.nn.Module, quantized: bool) -> None:
         assert_quant_mode(sam, QuantMode.FP)
 
 
-def _execute(config: RunConfig, record: RunRecord, progress: bool) -> tuple[torch.nn.Module | None, DataSets]:
+def _keep_for_diagnostics(config: RunConfig, sam: torch.nn.Module, val: CocoBoxPrompts,
+                          keep: contextlib.ExitStack | None) -> None:
+    """Keep the quantized embeddings of the diagnostics images from evaluation until `keep` closes (after
+    the diagnostics), so their quantized pass does not encode them again (`EmbeddingStore.keep_quantized`)."""
+    store = active_embedding_source()
+    if keep is not None and config.diagnostics.enabled and isinstance(store, EmbeddingStore):
+        keep.enter_context(store.keep_quantized(sam, val, diagnostic_images(val, config.diagnostics.images)))
+
+
+def _execute(config: RunConfig, record: RunRecord, progress: bool,
+             keep: contextlib.ExitStack | None = None) -> tuple[torch.nn.Module | None, DataSets]:
     """Build, quantize, evaluate; fills `record` in place. Returns the evaluated model (None for a
-    model-free method) and the data, for the diagnostics."""
+    model-free method) and the data, for the diagnostics (`keep`: see `_keep_for_diagnostics`)."""
     method = get_method(config.method)
     device = resolve_device(config.device)
     seed_everything(config.seed)
@@ -154,6 +164,7 @@ def _execute(config: RunConfig, record: RunRecord, progress: bool) -> tuple[torc
         with _timed(record.timings, "method"):
             record.details.update(method.apply(sam, data.calib, config))
         assert_ready_to_evaluate(sam, method.quantized)
+        _keep_for_diagnostics(config, sam, data.val, keep)
         with _timed(record.timings, "evaluate"):
             result = evaluate(sam, data.val, progress=progress)
     record.metrics.update(result.metrics)
@@ -254,8 +265,8 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     diagnostics = None
     start = time.perf_counter()
     try:
-        with embedding_source(store), prepared_source(prepared):
-            sam, data = _execute(config, record, progress)
+        with embedding_source(store), prepared_source(prepared), contextlib.ExitStack() as keep:
+            sam, data = _execute(config, record, progress, keep)
             _record_cache(record, store, prepared)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
             diagnostics = _diagnose(config, record, run_dir, sam, data)

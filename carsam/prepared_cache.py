@@ -177,6 +177,8 @@ class PreparedStore:
         self.directory = Path(directory)
         self.model = {"type": str(model["type"]), "sha256": str(model["sha256"])}
         self.stats = CacheStats()
+        self.stage_stats: dict[str, CacheStats] = {}
+        self.last_hit = False  # whether the latest `prepare` restored a stored entry
 
     def path(self, key: str) -> Path:
         """Where the entry of `key` lives."""
@@ -216,68 +218,83 @@ class PreparedStore:
         self.stats.corrupt += 1
 
     def prepare(self, sam: nn.Module, calib: CocoBoxPrompts, stage: str, stage_fields: Mapping[str, Any],
-                compute: Callable[[], dict[str, Any]], rebuild: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """Prepare the FP `sam` in place: restore the stored result when there is one, else `compute()` it
-        (returning its details) and store it. `rebuild(details)` must recreate, on the FP model, the
-        module structure `compute` leaves (quantized twins, swapped quantizers)."""
-        start = time.perf_counter()
+                compute: Callable[[], dict[str, Any]], rebuild: Callable[[dict[str, Any]], None],
+                scope: nn.Module | None = None) -> dict[str, Any]:
+        """Run the stage `stage` on `sam` in place: restore the stored result when there is one, else
+        `compute()` it (returning its details) and store it. `rebuild(details)` must recreate the module
+        structure `compute` leaves (quantized twins, swapped quantizers). `scope` (default `sam`): the
+        module whose quantizer entries (and Parameters changed in place) the stage writes."""
+        scope = sam if scope is None else scope
+        start, self.last_hit = time.perf_counter(), False
         key = self.key(sam, stage, stage_fields, calib)
+        stats = self.stage_stats.setdefault(stage, CacheStats())
         if key is None:
             self.stats.bypassed += 1
+            stats.bypassed += 1
             return compute()
-        fp_keys = set(sam.state_dict())
         entry = self.load(key)
         if entry is not None:
             try:
-                restore_(sam, entry, fp_keys, rebuild)
+                restore_(sam, scope, entry, rebuild)
             except (RuntimeError, ValueError, KeyError) as err:
                 self.stats.corrupt += 1
                 raise RuntimeError(f"prepared-model cache entry {self.path(key)} does not fit the model after "
                                    f"rebuilding it ({err}); delete it, or run with cache.enabled=false") from err
-            self.stats.hits += 1
-            self.stats.hit_seconds += time.perf_counter() - start
+            for counts in (self.stats, stats):
+                counts.hits += 1
+                counts.hit_seconds += time.perf_counter() - start
+            self.last_hit = True
             return entry.details
-        versions = {name: p._version for name, p in sam.named_parameters()}
+        versions = {name: p._version for name, p in scope.named_parameters()}
         details = compute()
-        self.stats.misses += 1
-        if fp_references(sam):
+        if fp_references(scope):
             logger.info("prepared-model cache: %s left FP references; not stored", stage)
         else:
             try:
-                self.save(key, PreparedEntry(changed_state(sam, fp_keys, versions), details,
+                self.save(key, PreparedEntry(changed_state(scope, versions), details,
                                              rng_states(next(sam.parameters()).device)))
             except OSError as err:  # a full or read-only disk slows the run down, it does not fail it
                 logger.warning("prepared-model cache: cannot write %s (%s)", self.path(key), err)
-        self.stats.miss_seconds += time.perf_counter() - start
+        for counts in (self.stats, stats):
+            counts.misses += 1
+            counts.miss_seconds += time.perf_counter() - start
         return details
 
     def summary(self) -> dict[str, Any]:
-        """What the run record keeps: the counts."""
-        stats = dataclasses.asdict(self.stats)
-        stats.update(hit_seconds=round(self.stats.hit_seconds, 3), miss_seconds=round(self.stats.miss_seconds, 3))
-        return stats
+        """What the run record keeps: the counts, in all and per stage."""
+        return {**_rounded(self.stats), "stages": {stage: _rounded(s) for stage, s in self.stage_stats.items()}}
 
 
-def changed_state(sam: nn.Module, fp_keys: set[str], versions: Mapping[str, int]) -> dict[str, Any]:
-    """The `state_dict` entries of `sam` that are new since the FP model (`fp_keys`) or belong to a
-    Parameter whose version counter moved (changed in place) since `versions` was taken; on CPU."""
-    changed = {name for name, p in sam.named_parameters() if p._version != versions.get(name, p._version)}
+def _rounded(stats: CacheStats) -> dict[str, Any]:
+    counts = dataclasses.asdict(stats)
+    counts.update(hit_seconds=round(stats.hit_seconds, 3), miss_seconds=round(stats.miss_seconds, 3))
+    return counts
+
+
+def quantizer_keys(scope: nn.Module) -> set[str]:
+    """The `state_dict` keys of `scope` that belong to a quantizer (qparams, AdaRound's alpha, extra state)."""
+    prefixes = tuple(f"{path}." for path, _ in iter_quantizers(scope))
+    return {k for k in scope.state_dict() if k.startswith(prefixes)}
+
+
+def changed_state(scope: nn.Module, versions: Mapping[str, int]) -> dict[str, Any]:
+    """The `state_dict` entries of `scope` that a stage writes: every quantizer entry, and every Parameter
+    whose version counter moved (changed in place) since `versions` was taken; on CPU."""
+    changed = {name for name, p in scope.named_parameters() if p._version != versions.get(name, p._version)}
+    keep = quantizer_keys(scope) | changed
     return {k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in sam.state_dict().items() if k not in fp_keys or k in changed}
+            for k, v in scope.state_dict().items() if k in keep}
 
 
-def restore_(sam: nn.Module, entry: PreparedEntry, fp_keys: set[str], rebuild: Callable[[dict[str, Any]], None]
+def restore_(sam: nn.Module, scope: nn.Module, entry: PreparedEntry, rebuild: Callable[[dict[str, Any]], None]
              ) -> None:
-    """Rebuild the structure, load the stored entries (checked), set every quantizer QUANTIZED, set the RNG.
-
-    Raises ValueError when the entry does not fit the rebuilt model.
-    """
+    """Rebuild the structure, load the stored entries into `scope` (checked), set every quantizer of `sam`
+    QUANTIZED, set the RNG state. Raises ValueError when the entry does not fit the rebuilt model."""
     rebuild(entry.details)
-    new_keys = set(sam.state_dict()) - fp_keys
-    missing_new = sorted(new_keys - set(entry.state))
-    if missing_new:
-        raise ValueError(f"{len(missing_new)} quantizer entries missing from the file, e.g. '{missing_new[0]}'")
-    result = sam.load_state_dict(entry.state, strict=False)
+    missing = sorted(quantizer_keys(scope) - set(entry.state))
+    if missing:
+        raise ValueError(f"{len(missing)} quantizer entries missing from the file, e.g. '{missing[0]}'")
+    result = scope.load_state_dict(entry.state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"unexpected entries, e.g. '{result.unexpected_keys[0]}'")
     set_quant_mode(sam, QuantMode.QUANTIZED)
@@ -287,6 +304,22 @@ def restore_(sam: nn.Module, entry: PreparedEntry, fp_keys: set[str], rebuild: C
     set_rng_states(entry.rng_after, next(sam.parameters()).device)
 
 
+def state_sha256(scope: nn.Module) -> str:
+    """SHA-256 of `scope`'s state as a stage sees it: every state entry's name and bytes, and every
+    quantizer's class, mode and QDrop probability (attributes outside the state dict)."""
+    digest = hashlib.sha256()
+    for name, value in scope.state_dict().items():
+        digest.update(name.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    for path, quantizer in iter_quantizers(scope):
+        digest.update(f"{path}:{type(quantizer).__name__}:{quantizer.mode.value}:{quantizer.quant_prob};".encode())
+    return digest.hexdigest()
+
+
 __all__ = ["PREPARED_FORMAT", "PreparedEntry", "PreparedStore", "active_prepared_store", "calibration_fields",
-           "changed_state", "prepared_key_fields", "prepared_source", "restore_", "source_sha256",
-           "structure_sha256"]
+           "changed_state", "prepared_key_fields", "prepared_source", "quantizer_keys", "restore_", "source_sha256",
+           "state_sha256", "structure_sha256"]

@@ -38,6 +38,7 @@ float32). Delete the folder to reclaim the space; `cache.enabled=false` turns ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -45,7 +46,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,12 +138,24 @@ def encoder_is_fp(sam: nn.Module) -> bool:
     return all(getattr(m, n).data_ptr() == getattr(m, n + SUFFIX).data_ptr() for m, n in fp_references(encoder))
 
 
+def encoder_snapshot(sam: nn.Module) -> tuple[Any, ...]:
+    """A cheap fingerprint of the encoder's current computation: each quantizer's identity, mode and QDrop
+    probability, and each Parameter's and buffer's storage and version counter. Any in-place change,
+    reassignment or mode switch changes it."""
+    encoder = sam.image_encoder
+    quantizers = tuple((id(q), q.mode, q.quant_prob) for _, q in iter_quantizers(encoder))
+    tensors = tuple((name, t.data_ptr(), t._version) for name, t in
+                    (*encoder.named_parameters(), *encoder.named_buffers()))
+    return quantizers, tensors
+
+
 @dataclasses.dataclass
 class CacheStats:
     """Counts of one store: served from disk, computed and written, encoded without the cache (encoder not
     FP, or hooked, or its image file unreadable), and unreadable entries (each also counted as a miss);
-    seconds spent serving hits (key, read) and misses (key, encode, write). Wall clock: on CUDA the
-    encoder's asynchronous work may be counted later."""
+    seconds spent serving hits (key, read) and misses (key, encode, write); quantized embeddings served
+    again from memory within a run (`EmbeddingStore.keep_quantized`). Wall clock: on CUDA the encoder's
+    asynchronous work may be counted later."""
 
     hits: int = 0
     misses: int = 0
@@ -150,6 +163,7 @@ class CacheStats:
     corrupt: int = 0
     hit_seconds: float = 0.0
     miss_seconds: float = 0.0
+    reused: int = 0
 
 
 def _payload(key: str, embedding: ImageEmbedding) -> dict[str, Any]:
@@ -180,6 +194,41 @@ class EmbeddingStore:
         self.directory = Path(directory)
         self.model = {"type": str(model["type"]), "sha256": str(model["sha256"])}
         self.stats = CacheStats()
+        self._kept: dict[tuple[int, int], ImageEmbedding] = {}
+        self._keep_ids: frozenset[int] = frozenset()
+        self._kept_snapshot: tuple[Any, ...] | None = None
+        self._kept_dataset: int | None = None
+
+    @contextlib.contextmanager
+    def keep_quantized(self, sam: nn.Module, dataset: CocoBoxPrompts, image_ids: Iterable[int]) -> Iterator[None]:
+        """Inside the block, the embeddings of `dataset`'s `image_ids` computed by the *quantized* (non-FP,
+        unhooked) encoder are kept in memory (CPU) and served again while the encoder's computation is
+        unchanged (`encoder_snapshot`): the pipeline opens it around evaluation and diagnostics, whose
+        quantized pass then reuses the evaluation's embeddings instead of encoding again. Dropped on exit."""
+        self._keep_ids, self._kept_snapshot, self._kept = frozenset(image_ids), encoder_snapshot(sam), {}
+        self._kept_dataset = id(dataset)
+        try:
+            yield
+        finally:
+            self._keep_ids, self._kept_snapshot, self._kept = frozenset(), None, {}
+
+    def _reusable(self, predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int) -> bool:
+        return (image_id in self._keep_ids and id(dataset) == self._kept_dataset and
+                not encoder_is_hooked(predictor.sam) and encoder_snapshot(predictor.sam) == self._kept_snapshot)
+
+    def _encode_quantized(self, predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int) -> ImageEmbedding:
+        """A non-FP or hooked encoder's embedding: kept/reused under `keep_quantized`, else encoded."""
+        if not self._reusable(predictor, dataset, image_id):
+            self.stats.bypassed += 1
+            return predictor.embed(dataset.load_image(image_id))  # a missing image raises its DatasetError here
+        kept = self._kept.get((id(dataset), image_id))
+        if kept is not None:
+            self.stats.reused += 1
+            return dataclasses.replace(kept, features=kept.features.to(predictor.device))
+        self.stats.bypassed += 1
+        embedding = predictor.embed(dataset.load_image(image_id))
+        self._kept[(id(dataset), image_id)] = dataclasses.replace(embedding, features=embedding.features.cpu())
+        return embedding
 
     def path(self, key: str) -> Path:
         """Where the entry of `key` lives."""
@@ -224,8 +273,7 @@ class EmbeddingStore:
         start = time.perf_counter()
         key = self._usable_key(predictor, dataset, image_id)
         if key is None:
-            self.stats.bypassed += 1
-            return predictor.embed(dataset.load_image(image_id))  # a missing image raises its DatasetError here
+            return self._encode_quantized(predictor, dataset, image_id)
         cached = self.load(key)
         if cached is not None and cached.original_size == dataset.image_size(image_id):
             self.stats.hits += 1
@@ -249,4 +297,4 @@ class EmbeddingStore:
 
 
 __all__ = ["CACHE_FORMAT", "CacheStats", "EmbeddingStore", "canonical_key", "embedding_key_fields", "encoder_fields",
-           "encoder_is_fp", "encoder_is_hooked", "image_file", "numerics_fields"]
+           "encoder_is_fp", "encoder_snapshot", "encoder_is_hooked", "image_file", "numerics_fields"]

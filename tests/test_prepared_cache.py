@@ -4,19 +4,23 @@ depends on, and robust to corrupt or ill-fitting entries and to models it cannot
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 
 import pytest
 import torch
 
 from carsam import pipeline
-from carsam.config import RunConfig, resolve
+from carsam.config import ReconConfig, RunConfig, resolve
 from carsam.data.coco import CocoBoxPrompts
 from carsam.methods.ptq4sam import prepare_ptq4sam_
-from carsam.models.quantize import QuantConfig
+from carsam.methods.reconstruction import UnitRecipe, encoder_stage_fields, recon_units
+from carsam.methods.registry import get_method
+from carsam.models.quantize import QuantConfig, quantize_
 from carsam.models.sam import build_testbed_from_checkpoint
 from carsam.prepared_cache import PreparedStore, active_prepared_store, prepared_source
-from carsam.quant.quantizers import quant_modes
+from carsam.quant.quantizers import QuantMode, quant_modes, set_quant_mode
 from tests.conftest import experiment, real_data_overrides
 
 ENCODER_AND_DECODER = RunConfig(method="ptq4sam", quant=QuantConfig(w_bits=4, a_bits=4))
@@ -118,17 +122,67 @@ def test_entry_that_does_not_fit_the_model_stops_with_the_file_named(tmp_path, r
 def _config(tmp_path, small_coco, checkpoint, *overrides: str):
     return resolve(experiment("carsam_w4a4.yaml"), [
         f"runs_dir={tmp_path / 'runs'}", f"model.checkpoint={checkpoint}", "data.calib_size=2",
-        "data.max_val_images=2", "diagnostics.enabled=false", "recon.iters=2", "recon.interference_images=1",
+        "data.max_val_images=2", "diagnostics.images=1", "recon.iters=2", "recon.interference_images=1",
         "mac.variant=qk", "quant.quantize_encoder=false", *real_data_overrides(small_coco), *overrides])
 
 
-def test_decoder_knob_trials_share_one_preparation_and_match_uncached_runs(tmp_path, small_coco,
-                                                                         random_testbed_checkpoint):
+def test_a_restored_run_matches_an_uncached_run_exactly(tmp_path, small_coco, random_testbed_checkpoint):
     runs = {name: pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, *overrides))
-            for name, overrides in {"first": ["mac.strength=0.5"], "knob": ["mac.strength=1.0"],
-                                    "again": ["mac.strength=0.5"],
-                                    "off": ["mac.strength=0.5", "cache.enabled=false"]}.items()}
+            for name, overrides in {"first": [], "again": [], "off": ["cache.enabled=false"]}.items()}
     prepared = {name: r.details["cache"].get("prepared") for name, r in runs.items()}
-    assert prepared["first"]["misses"] == 1 and prepared["knob"]["hits"] == 1 and prepared["again"]["hits"] == 1
+    assert prepared["first"]["stages"]["ptq4sam"]["misses"] == 1 and prepared["again"]["stages"]["ptq4sam"]["hits"] == 1
     assert prepared["off"] is None
-    assert runs["first"].metrics == runs["again"].metrics == runs["off"].metrics  # exact
+    assert runs["again"].metrics == runs["off"].metrics == runs["first"].metrics  # exact, eval and diagnostics
+
+
+def _reconstruct(checkpoint, calib, store: PreparedStore | None):
+    """PTQ4SAM W4A4 (encoder and decoder, 2 steps per unit) on a fresh testbed, through `store` if given."""
+    config = dataclasses.replace(ENCODER_AND_DECODER, recon=ReconConfig(iters=2, interference_images=1))
+    sam = build_testbed_from_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    with prepared_source(store):
+        details = get_method("ptq4sam").apply(sam, calib, config)
+    return sam, details["recon"], torch.get_rng_state()
+
+
+def test_restored_encoder_reconstruction_is_bit_identical(tmp_path, random_testbed_checkpoint, calib2):
+    store = _store(tmp_path, random_testbed_checkpoint)
+    plain, plain_recon, plain_rng = _reconstruct(random_testbed_checkpoint, calib2, None)
+    _reconstruct(random_testbed_checkpoint, calib2, store)
+    warm, warm_recon, warm_rng = _reconstruct(random_testbed_checkpoint, calib2, store)
+    assert store.stage_stats["recon_encoder"].hits == 1 and store.stage_stats["ptq4sam"].hits == 1
+    _assert_same_model(plain, warm)  # after finish_: every baked weight, step and qparam
+    assert torch.equal(plain_rng, warm_rng)
+    drop = lambda r: json.loads(json.dumps({k: v for k, v in r.items() if k not in ("seconds", "cached")}))  # noqa: E731
+    encoder = [r for r in warm_recon["units"] if r["kind"] == "encoder_block"]
+    assert len(encoder) == 4 and all(r["cached"] for r in encoder)  # the testbed's 4 encoder blocks
+    assert not any(r.get("cached") for r in warm_recon["units"] if r not in encoder)
+    assert [drop(r) for r in plain_recon["units"]] == [drop(r) for r in warm_recon["units"]]
+    assert plain_recon["interference"] == warm_recon["interference"]
+
+
+def test_encoder_stage_key_follows_the_encoder_state_and_the_settings(tmp_path, random_testbed_checkpoint, calib2):
+    sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
+    quantize_(sam, QuantConfig(w_bits=4, a_bits=4))
+    units = recon_units(sam, ReconConfig())
+    base = encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units)
+    decoder_only_fields = ReconConfig(grouping="block", track_interference=False, interference_images=2)
+    assert encoder_stage_fields(sam, decoder_only_fields, UnitRecipe(), units) == base
+    assert encoder_stage_fields(sam, ReconConfig(iters=7), UnitRecipe(), units) != base
+    assert encoder_stage_fields(sam, ReconConfig(), UnitRecipe(quant_prob=0.5), units) != base
+    set_quant_mode(sam.image_encoder, QuantMode.CALIBRATE)  # quantize_ leaves FP: a mode outside the state dict
+    assert encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units) != base
+    with torch.no_grad():
+        sam.image_encoder.blocks[0].attn.qkv.weight.add_(1e-3)
+    assert encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units) != base
+
+
+def test_a_mac_knob_trial_with_a_quantized_encoder_restores_both_stages(tmp_path, small_coco,
+                                                                      random_testbed_checkpoint):
+    first, knob = (pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, "quant.quantize_encoder=true",
+                                        f"mac.strength={s}")) for s in (0.5, 1.0))
+    assert {k: v["misses"] for k, v in first.details["cache"]["prepared"]["stages"].items()} == \
+        {"ptq4sam": 1, "recon_encoder": 1}
+    assert {k: v["hits"] for k, v in knob.details["cache"]["prepared"]["stages"].items()} == \
+        {"ptq4sam": 1, "recon_encoder": 1}
+    assert first.metrics != knob.metrics  # the knob still matters: only the knob-free stages were shared

@@ -22,6 +22,7 @@ from carsam.eval.inference import ImageEmbedding, SamBoxPredictor, active_embedd
 from carsam.models.quantize import QuantConfig, quantize_
 from carsam.models.sam import build_model
 from carsam.quant.fp_reference import remember_fp_
+from carsam.methods.calibrate import calibrate_
 from carsam.quant.quantizers import QuantMode, set_quant_mode
 from carsam.recon.cache import quant_modes_set
 from carsam.stage_cache import EmbeddingStore, encoder_is_fp, image_file
@@ -260,3 +261,34 @@ def test_encoder_units_and_encoder_diagnostics_see_the_encoder_run(tmp_path, sma
     assert cached.metrics == clean.metrics
     assert cached.details["recon"]["num_units"] == clean.details["recon"]["num_units"]
     assert cached.details["cache"]["hits"] > 0 and cached.details["cache"]["bypassed"] > 0
+
+
+def test_diagnostics_reuse_the_evaluations_quantized_embeddings_and_match_an_uncached_run(
+        tmp_path, small_coco, random_testbed_checkpoint):
+    cached = pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, "rtn_w4a4.yaml"))
+    uncached = pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, "rtn_w4a4.yaml",
+                                    "cache.enabled=false"))
+    assert cached.details["cache"]["reused"] == len(cached.details["diagnostics"]["images"]) == 2
+    assert cached.metrics == uncached.metrics  # exact: evaluation and every diag/* metric
+
+
+def test_kept_quantized_embeddings_are_served_only_while_the_encoder_is_unchanged(tmp_path, val_copy, calib2,
+                                                                               random_testbed_checkpoint):
+    qsam = build_model("testbed", random_testbed_checkpoint)
+    quantize_(qsam, QuantConfig(w_bits=4, a_bits=4))
+    calibrate_(qsam, calib2)
+    store, predictor, image_id = _store(tmp_path, random_testbed_checkpoint), SamBoxPredictor(qsam), \
+        val_copy.image_ids[0]
+    with embedding_source(store), store.keep_quantized(qsam, val_copy, [image_id]):
+        first = predictor.embed_image(val_copy, image_id)
+        again = predictor.embed_image(val_copy, image_id)
+        assert store.stats.reused == 1 and torch.equal(first.features, again.features)
+        other = predictor.embed_image(val_copy, val_copy.image_ids[1])  # not a kept image: encoded
+        assert store.stats.reused == 1 and other.features.shape == first.features.shape
+        with torch.no_grad():
+            qsam.image_encoder.blocks[0].mlp.lin1.weight.mul_(1.01)  # a changed encoder is encoded again
+        changed = predictor.embed_image(val_copy, image_id)
+        assert store.stats.reused == 1 and not torch.equal(changed.features, first.features)
+    with embedding_source(store):
+        predictor.embed_image(val_copy, image_id)
+    assert store.stats.reused == 1 and store.stats.hits == store.stats.misses == 0

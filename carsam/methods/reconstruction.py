@@ -21,12 +21,18 @@ into evaluation (the PTQ4SAM evaluation bug). The neck convolutions of the encod
 they keep RTN rounding.
 
 Records: `details["recon"]` holds the settings, the recipe (what was learned, QDrop p), the cache size,
-and per unit the first and last loss of each stream (`out`, or `queries`/`keys`, plus `round` and
-`total`) and a curve subsampled to at most `recon.curve_points` points.
+and per unit its `stage` settings, the first and last loss of each stream (`out`, or `queries`/`keys`,
+plus `round` and `total`) and a curve subsampled to at most `recon.curve_points` points.
+
+Stage cache: the image-encoder units depend on no decoder knob, so inside a run with the stage cache
+on (`carsam.prepared_cache`) their result (AdaRound alphas, learned steps, records, RNG state after)
+is stored after they are reconstructed and restored by a later run whose encoder state, settings,
+recipe, calibration set, code and RNG state are the same; restored unit records carry `"cached": true`
+(their `seconds` are those of the run that computed them). Bit-identical to reconstructing (tested).
 
 `reconstruct_model_` also takes, for callers such as JCAR: `settings_for(unit, cache)`, the stage
-settings of each unit (e.g. its stream weights and reduction; default `recon_settings(recon)` for all;
-the unit's record then holds its `stage` settings), and `track_interference`: the quantized model's
+settings of each decoder unit (e.g. its stream weights and reduction; default `recon_settings(recon)`;
+encoder units always get `recon_settings(recon)`), and `track_interference`: the quantized model's
 per-step errors (`carsam.recon.interference.boundary_errors` on `interference_images` calibration
 images) once before the first decoder unit and after each reconstructed decoder unit, with every
 AdaRound layer in hard rounding, recorded as `interference: [{"after": "start" | unit name, "errors":
@@ -51,9 +57,11 @@ from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import (QuantizerBase, UniformQuantizer, assert_eval_ready, iter_quantizers,
                                      set_quant_prob)
 from carsam.recon.cache import UnitCache, build_unit_cache
+from carsam.prepared_cache import active_prepared_store, state_sha256
 from carsam.recon.interference import FpTraces, boundary_errors
 from carsam.recon.stage import ReconResult, ReconSettings, reconstruct_unit
 from carsam.recon.units import ReconUnit, find_units
+from carsam.stage_cache import encoder_fields
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -126,6 +134,12 @@ def prepare_unit_(module: nn.Module, recipe: UnitRecipe) -> dict[str, int]:
     return {"adaround_layers": len(layers), "learned_scales": learned, "act_quantizers": len(acts)}
 
 
+def has_work(module: nn.Module, recipe: UnitRecipe) -> bool:
+    """Whether a unit's `module` has anything to reconstruct under `recipe` (quantized weights, or
+    activation steps to learn)."""
+    return bool(roundable_layers(module)) or bool(recipe.learn_act_scales and activation_quantizers(module))
+
+
 def subsample(values: list[float], points: int) -> list[float]:
     """At most `points` evenly spaced entries of `values`, always keeping the first and the last."""
     if len(values) <= points:
@@ -151,7 +165,7 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
     settings_for: the unit's stage settings from the unit and its cache (None: `recon_settings(recon)`).
     """
     module = unit.module(sam)
-    if not roundable_layers(module) and not (recipe.learn_act_scales and activation_quantizers(module)):
+    if not has_work(module, recipe):
         logger.info("recon %s: no quantized weight, skipped", unit.name)
         return None
     set_soft_rounding(sam, False)
@@ -161,8 +175,8 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
     result = reconstruct_unit(sam, unit, cache, settings)
     set_soft_rounding(module, False)
     set_quant_prob(module, 1.0)
-    record = unit_record(unit, result, counts, cache.nbytes / 2**20, recon.curve_points)
-    return record if settings_for is None else {**record, "stage": dataclasses.asdict(settings)}
+    return {**unit_record(unit, result, counts, cache.nbytes / 2**20, recon.curve_points),
+            "stage": dataclasses.asdict(settings)}
 
 
 def finish_(sam: nn.Module) -> int:
@@ -189,34 +203,88 @@ def interference_entry(sam: nn.Module, calib: CocoBoxPrompts, after: str, images
     return {"after": after, "errors": boundary_errors(sam, calib, images, fp_traces)}
 
 
+def reconstruct_units_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
+                       units: list[ReconUnit], settings_for: SettingsFor | None = None,
+                       interference: list[dict[str, Any]] | None = None, interference_images: int = 4
+                       ) -> list[dict[str, Any]]:
+    """Reconstruct `units` in order (`reconstruct_unit_in_model_`); returns their records. With an
+    `interference` list, the per-step errors are appended before the first unit (if the list is empty)
+    and after each reconstructed one."""
+    records: list[dict[str, Any]] = []
+    fp_traces = FpTraces()
+    for unit in units:
+        if interference is not None and not interference:
+            interference.append(interference_entry(sam, calib, INTERFERENCE_START, interference_images, fp_traces))
+        record = reconstruct_unit_in_model_(sam, unit, calib, recon, recipe, settings_for)
+        if record is not None:
+            records.append(record)
+            if interference is not None:
+                interference.append(interference_entry(sam, calib, unit.name, interference_images, fp_traces))
+    return records
+
+
+def rebuild_reconstructed_(sam: nn.Module, units: list[ReconUnit], recipe: UnitRecipe,
+                           records: list[dict[str, Any]]) -> None:
+    """The module structure `reconstruct_units_` leaves, from its records: each reconstructed unit prepared
+    per `recipe` (AdaRound quantizers, learnable steps) and set back to hard rounding and `quant_prob = 1`.
+    Values come from a state dict after."""
+    by_name = {unit.name: unit for unit in units}
+    for record in records:
+        module = by_name[record["unit"]].module(sam)
+        prepare_unit_(module, recipe)
+        set_soft_rounding(module, False)
+        set_quant_prob(module, 1.0)
+
+
+def encoder_stage_fields(sam: nn.Module, recon: ReconConfig, recipe: UnitRecipe,
+                         units: list[ReconUnit]) -> dict[str, Any]:
+    """What reconstructing the encoder units depends on besides the calibration set, code and RNG state:
+    the encoder's current state (weights, qparams, quantizer modes), architecture and preprocessing, the
+    stage settings, the input source, the recipe and the units."""
+    return {"encoder_state": state_sha256(sam.image_encoder), "encoder": encoder_fields(sam),
+            "settings": dataclasses.asdict(recon_settings(recon)), "inputs": recon.inputs,
+            "curve_points": recon.curve_points, "recipe": dataclasses.asdict(recipe), "units": [u.name for u in units]}
+
+
+def reconstruct_encoder_units_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
+                               units: list[ReconUnit]) -> list[dict[str, Any]]:
+    """`reconstruct_units_` on the image-encoder units, through the prepared-model cache when a run has one
+    (`carsam.prepared_cache`: restored when the encoder, settings, recipe, calibration set, code and RNG
+    state are those of a stored reconstruction). Their records carry `"cached": True` when restored."""
+    store = active_prepared_store()
+    if store is None or not any(has_work(unit.module(sam), recipe) for unit in units):
+        return reconstruct_units_(sam, calib, recon, recipe, units)
+    stored = store.prepare(sam, calib, "recon_encoder", encoder_stage_fields(sam, recon, recipe, units),
+                           lambda: {"units": reconstruct_units_(sam, calib, recon, recipe, units)},
+                           lambda details: rebuild_reconstructed_(sam, units, recipe, details["units"]),
+                           scope=sam.image_encoder)
+    return [{**r, "cached": True} for r in stored["units"]] if store.last_hit else stored["units"]
+
+
 def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
                        units: list[ReconUnit] | None = None, *, settings_for: SettingsFor | None = None,
                        track_interference: bool | None = None, interference_images: int | None = None
                        ) -> dict[str, Any]:
     """Reconstruct `units` (default: `recon_units(sam, recon)`) of a calibrated `sam` in order, then `finish_`.
 
-    settings_for: per-unit stage settings (None: `recon_settings(recon)`); track_interference: record
-    the per-step errors on `interference_images` images before and after the decoder units (module
-    docstring; None: `recon.track_interference` / `recon.interference_images`). Returns the `recon` record: settings, per-unit records, totals and the largest unit
-    cache, plus `interference` when tracked.
+    The image-encoder units come first and use `recon_settings(recon)`; with the stage cache on they are
+    restored from it when stored (`reconstruct_encoder_units_`). settings_for: per-unit stage settings of
+    the decoder units (None: `recon_settings(recon)`); track_interference: record the per-step errors on
+    `interference_images` images before and after the decoder units (module docstring; None:
+    `recon.track_interference` / `recon.interference_images`). Returns the `recon` record: settings,
+    per-unit records, totals and the largest unit cache, plus `interference` when tracked.
     """
     units = recon_units(sam, recon) if units is None else units
     track_interference = recon.track_interference if track_interference is None else track_interference
     interference_images = recon.interference_images if interference_images is None else interference_images
+    encoder_units = [u for u in units if u.in_encoder]
+    if units[:len(encoder_units)] != encoder_units:
+        raise ValueError("the image-encoder units must come before the decoder units")
     start = time.perf_counter()
-    records: list[dict[str, Any]] = []
+    records = reconstruct_encoder_units_(sam, calib, recon, recipe, encoder_units)
     interference: list[dict[str, Any]] = []
-    fp_traces = FpTraces()
-    for unit in units:
-        track = track_interference and not unit.in_encoder
-        if track and not interference:
-            interference.append(interference_entry(sam, calib, INTERFERENCE_START, interference_images,
-                                                       fp_traces))
-        record = reconstruct_unit_in_model_(sam, unit, calib, recon, recipe, settings_for)
-        if record is not None:
-            records.append(record)
-            if track:
-                interference.append(interference_entry(sam, calib, unit.name, interference_images, fp_traces))
+    records += reconstruct_units_(sam, calib, recon, recipe, units[len(encoder_units):], settings_for,
+                                  interference if track_interference else None, interference_images)
     baked = finish_(sam)
     seconds = time.perf_counter() - start
     logger.info("reconstructed %d units (%d layers baked) in %.1fs", len(records), baked, seconds)
@@ -257,6 +325,6 @@ register(Method("brecq", apply_brecq, summary="BRECQ: AdaRound block reconstruct
 register(Method("qdrop", apply_qdrop, summary="QDrop: AdaRound + LSQ activation steps + random drop (p=0.5)"))
 
 __all__ = ["INTERFERENCE_START", "SettingsFor", "UnitRecipe", "activation_quantizers", "apply_brecq", "apply_qdrop",
-           "finish_", "interference_entry", "prepare_unit_",
-           "qdrop_recipe", "quantize_calibrate_", "recon_settings", "recon_units", "reconstruct_model_",
-           "roundable_layers", "subsample"]
+           "encoder_stage_fields", "finish_", "has_work", "interference_entry", "prepare_unit_", "qdrop_recipe",
+           "quantize_calibrate_", "rebuild_reconstructed_", "recon_settings", "recon_units",
+           "reconstruct_encoder_units_", "reconstruct_model_", "reconstruct_units_", "roundable_layers", "subsample"]
