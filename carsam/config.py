@@ -263,9 +263,10 @@ class DiagnosticsConfig:
 class CacheConfig:
     """Stage caching, on disk under `dir` (empty: `<runs_dir>/.cache`), shared by runs, sweep trials and
     worker processes: the FP image embeddings of calibration and evaluation images (carsam.stage_cache;
-    served only while the image encoder is in full precision) and PTQ4SAM's prepared quantized model
-    (carsam.prepared_cache; PTQ4SAM and CAR-SAM runs). Each entry is keyed by exactly what it depends
-    on, so a stale entry is never read; `enabled=false` turns both off."""
+    served only while the image encoder is in full precision), PTQ4SAM's prepared quantized model
+    (PTQ4SAM and CAR-SAM runs) and the reconstructed image-encoder units (BRECQ, QDrop, PTQ4SAM and
+    CAR-SAM runs with a quantized encoder; both carsam.prepared_cache). Each entry is keyed by exactly
+    what it depends on, so a stale entry is never read; `enabled=false` turns all of them off."""
 
     enabled: bool = True
     dir: str = ""

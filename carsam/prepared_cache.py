@@ -29,7 +29,8 @@ Key: SHA-256 of a canonical JSON of exactly what preparation depends on (`prepar
 format; the stage name and its config fields (`config.quant` in full, `recon.agq_encoder`); the model
 type, checkpoint SHA-256 and the FP model's structure (module classes, parameter and buffer names,
 shapes and dtypes); the calibration set in order (each image file's SHA-256 and its prompt boxes); the
-device, matmul precision and library versions (`carsam.stage_cache.numerics_fields`); the SHA-256 of
+device, matmul precision and library versions (`carsam.stage_cache.numerics_fields`, plus Lightning
+and numpy); the SHA-256 of
 carsam's own source files (any code change invalidates every entry: ranges come from carsam's
 observers); and the RNG state on entry. Bits are in the key, so a sweep over bits prepares once per
 bit pair; `mac.*`, `jcar.*` and `recon.*` (but `agq_encoder`) are not.
@@ -51,6 +52,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +102,18 @@ def source_sha256() -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def stage_library_versions() -> dict[str, str]:
+    """Versions of the libraries that run a stage's loops besides torch (Lightning, numpy)."""
+    found = {}
+    for dist in ("lightning", "numpy"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
 def structure_sha256(model: nn.Module) -> str:
     """SHA-256 of `model`'s structure: each module's path and class, each state entry's name, shape, dtype."""
     digest = hashlib.sha256()
@@ -139,7 +153,7 @@ def prepared_key_fields(model: Mapping[str, Any], sam: nn.Module, device: torch.
     return {"format": PREPARED_FORMAT, "kind": PREPARED, "stage": stage, "config": dict(stage_fields),
             "model": {"type": model["type"], "sha256": model["sha256"], "structure": structure_sha256(sam)},
             "calibration": calibration_fields(calib), "numerics": numerics_fields(device),
-            "code_sha256": source_sha256(), "rng_before": rng}
+            "libraries": stage_library_versions(), "code_sha256": source_sha256(), "rng_before": rng}
 
 
 @dataclasses.dataclass
@@ -236,8 +250,9 @@ class PreparedStore:
         if entry is not None:
             try:
                 restore_(sam, scope, entry, rebuild)
-            except (RuntimeError, ValueError, KeyError) as err:
+            except Exception as err:  # noqa: BLE001 - whatever went wrong, name the file to delete
                 self.stats.corrupt += 1
+                stats.corrupt += 1
                 raise RuntimeError(f"prepared-model cache entry {self.path(key)} does not fit the model after "
                                    f"rebuilding it ({err}); delete it, or run with cache.enabled=false") from err
             for counts in (self.stats, stats):
@@ -245,7 +260,7 @@ class PreparedStore:
                 counts.hit_seconds += time.perf_counter() - start
             self.last_hit = True
             return entry.details
-        versions = {name: p._version for name, p in scope.named_parameters()}
+        versions = {name: parameter_identity(p) for name, p in scope.named_parameters()}
         details = compute()
         if fp_references(scope):
             logger.info("prepared-model cache: %s left FP references; not stored", stage)
@@ -253,8 +268,9 @@ class PreparedStore:
             try:
                 self.save(key, PreparedEntry(changed_state(scope, versions), details,
                                              rng_states(next(sam.parameters()).device)))
-            except OSError as err:  # a full or read-only disk slows the run down, it does not fail it
-                logger.warning("prepared-model cache: cannot write %s (%s)", self.path(key), err)
+            except (OSError, TypeError, ValueError) as err:  # a full disk or odd details slow the run down only
+                logger.warning("prepared-model cache: cannot write %s (%s: %s)", self.path(key), type(err).__name__,
+                               err)
         for counts in (self.stats, stats):
             counts.misses += 1
             counts.miss_seconds += time.perf_counter() - start
@@ -277,10 +293,16 @@ def quantizer_keys(scope: nn.Module) -> set[str]:
     return {k for k in scope.state_dict() if k.startswith(prefixes)}
 
 
-def changed_state(scope: nn.Module, versions: Mapping[str, int]) -> dict[str, Any]:
+def parameter_identity(param: nn.Parameter) -> tuple[int, int, int]:
+    """What changes when a Parameter is written: its object, its storage (`.data` reassigned) and its
+    version counter (in-place writes)."""
+    return id(param), param.data_ptr(), param._version
+
+
+def changed_state(scope: nn.Module, versions: Mapping[str, tuple[int, int, int]]) -> dict[str, Any]:
     """The `state_dict` entries of `scope` that a stage writes: every quantizer entry, and every Parameter
-    whose version counter moved (changed in place) since `versions` was taken; on CPU."""
-    changed = {name for name, p in scope.named_parameters() if p._version != versions.get(name, p._version)}
+    that is new or was written (`parameter_identity`) since `versions` was taken; on CPU."""
+    changed = {name for name, p in scope.named_parameters() if parameter_identity(p) != versions.get(name)}
     keep = quantizer_keys(scope) | changed
     return {k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v)
             for k, v in scope.state_dict().items() if k in keep}
@@ -294,19 +316,25 @@ def restore_(sam: nn.Module, scope: nn.Module, entry: PreparedEntry, rebuild: Ca
     missing = sorted(quantizer_keys(scope) - set(entry.state))
     if missing:
         raise ValueError(f"{len(missing)} quantizer entries missing from the file, e.g. '{missing[0]}'")
-    result = scope.load_state_dict(entry.state, strict=False)
+    device = next(sam.parameters()).device
+    result = scope.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                    for k, v in entry.state.items()}, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"unexpected entries, e.g. '{result.unexpected_keys[0]}'")
     set_quant_mode(sam, QuantMode.QUANTIZED)
     uncalibrated = [path for path, q in iter_quantizers(sam) if not q.is_calibrated]
     if uncalibrated:
         raise ValueError(f"{len(uncalibrated)} quantizers uncalibrated after loading, e.g. '{uncalibrated[0]}'")
-    set_rng_states(entry.rng_after, next(sam.parameters()).device)
+    elsewhere = [k for k, v in scope.state_dict().items() if isinstance(v, torch.Tensor) and v.device != device]
+    if elsewhere:
+        raise ValueError(f"{len(elsewhere)} entries not on {device} after loading, e.g. '{elsewhere[0]}'")
+    set_rng_states(entry.rng_after, device)
 
 
 def state_sha256(scope: nn.Module) -> str:
     """SHA-256 of `scope`'s state as a stage sees it: every state entry's name and bytes, and every
-    quantizer's class, mode and QDrop probability (attributes outside the state dict)."""
+    quantizer's class, settings (`extra_repr`: bits, symmetry, granularity, ...), mode and QDrop
+    probability (attributes outside the state dict)."""
     digest = hashlib.sha256()
     for name, value in scope.state_dict().items():
         digest.update(name.encode() + b"\0")
@@ -316,7 +344,8 @@ def state_sha256(scope: nn.Module) -> str:
         else:
             digest.update(repr(value).encode())
     for path, quantizer in iter_quantizers(scope):
-        digest.update(f"{path}:{type(quantizer).__name__}:{quantizer.mode.value}:{quantizer.quant_prob};".encode())
+        digest.update(f"{path}:{type(quantizer).__name__}({quantizer.extra_repr()}):{quantizer.mode.value}:"
+                      f"{quantizer.quant_prob};".encode())
     return digest.hexdigest()
 
 

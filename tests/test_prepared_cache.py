@@ -173,6 +173,10 @@ def test_encoder_stage_key_follows_the_encoder_state_and_the_settings(tmp_path, 
     assert encoder_stage_fields(sam, ReconConfig(), UnitRecipe(quant_prob=0.5), units) != base
     set_quant_mode(sam.image_encoder, QuantMode.CALIBRATE)  # quantize_ leaves FP: a mode outside the state dict
     assert encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units) != base
+    base = encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units)
+    sam.image_encoder.blocks[0].attn.qkv.input_quantizer.bits = 6  # a setting outside the state dict
+    assert encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units) != base
+    base = encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units)
     with torch.no_grad():
         sam.image_encoder.blocks[0].attn.qkv.weight.add_(1e-3)
     assert encoder_stage_fields(sam, ReconConfig(), UnitRecipe(), units) != base

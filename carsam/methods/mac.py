@@ -264,8 +264,9 @@ class FpCallMemo:
 
     FP passes run the original weights whatever the corrections (`fp_weights`), so every step of an
     attention sees the same FP calls; the memo keeps each sample's (`lhs`, `rhs`, `out` per call) from
-    the first pass and later passes skip the FP phase. Samples are kept until `budget_bytes` is reached;
-    the rest run their FP phase each time (same numbers, more time).
+    the first pass and later passes skip the FP phase. Samples are kept, on the model's device, until
+    `budget_bytes` (counted over the storages they hold) is reached; the rest run their FP phase each
+    time (same numbers, more time).
     """
 
     def __init__(self, budget_bytes: int = FP_MEMO_BYTES) -> None:
@@ -277,7 +278,8 @@ class FpCallMemo:
 
     def keep(self, index: int, calls: list[dict[str, Tensor]]) -> None:
         """Keep sample `index`'s FP calls if they fit the budget."""
-        size = sum(t.numel() * t.element_size() for call in calls for t in call.values())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for call in calls for t in call.values()}
+        size = sum(storages.values())  # what keeping them holds: operands may be views of a larger output
         if self.nbytes + size <= self.budget_bytes:
             self.calls[index], self.nbytes = calls, self.nbytes + size
 

@@ -218,7 +218,8 @@ class UniformQuantizer(ObservingQuantizer):
         for name in QPARAM_NAMES:
             incoming = state_dict.get(prefix + name)
             if incoming is not None and incoming.shape != getattr(self, name).shape:
-                self._assign(name, torch.zeros_like(incoming, dtype=torch.float32))
+                # on the quantizer's device: loading a CPU state dict into a CUDA model keeps it on CUDA
+                self._assign(name, torch.zeros_like(incoming, dtype=torch.float32, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

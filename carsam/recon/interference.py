@@ -131,7 +131,7 @@ class FpTraces:
 
     The FP model never changes while units are reconstructed (FP passes use the original weights), so
     every entry compares against the same FP states: an image's FP decode and trace run once and are
-    kept while they fit `budget_bytes` (estimated from the input shapes before running; real SAM: about
+    kept (on the model's device) while they fit `budget_bytes` (estimated from the input shapes before running; real SAM: about
     40 MiB per box); an image beyond it is traced again at each entry, one state at a time.
     """
 

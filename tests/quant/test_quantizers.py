@@ -113,3 +113,15 @@ def test_unknown_mode_raises() -> None:
 def test_extra_repr_shows_bits_symmetry_granularity_and_mode() -> None:
     text = repr(UniformQuantizer(4, symmetric=True, ch_axis=0))
     assert "bits=4" in text and "sym" in text and "per_channel(axis=0)" in text and "mode=fp" in text
+
+
+@pytest.mark.filterwarnings("ignore:for .*meta parameter.*:UserWarning")  # copying into meta is a no-op, expected
+def test_loading_qparams_into_an_uncalibrated_quantizer_keeps_its_device():
+    """A CPU state dict (a cache entry, a checkpoint) loaded into a quantizer on another device lands on that
+    device, not on the CPU (checked with `meta`, which any machine has, standing in for CUDA)."""
+    source = UniformQuantizer(4, ch_axis=0)
+    source.set_qparams(torch.full((3,), 0.1), torch.zeros(3))
+    target = UniformQuantizer(4, ch_axis=0).to("meta")
+    target.load_state_dict(source.state_dict())
+    assert target.scale.device.type == "meta" and target.zero_point.device.type == "meta"
+    assert target.scale.shape == (3,)
