@@ -47,7 +47,6 @@ import contextvars
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import time
@@ -60,11 +59,10 @@ import torch
 from torch import nn
 
 import carsam
-from carsam.atomic import replace_atomic
 from carsam.hashing import cached_file_sha256
 from carsam.quant.fp_reference import fp_references
 from carsam.quant.quantizers import QuantMode, iter_quantizers, set_quant_mode
-from carsam.stage_cache import CacheStats, canonical_key, image_file, numerics_fields
+from carsam.stage_cache import CacheStats, canonical_key, image_file, numerics_fields, read_entry, write_entry
 
 if TYPE_CHECKING:
     from carsam.data.coco import CocoBoxPrompts
@@ -212,19 +210,16 @@ class PreparedStore:
     def load(self, key: str) -> PreparedEntry | None:
         """The stored entry of `key`, or None if absent or unreadable (a warning)."""
         path = self.path(key)
-        if not path.is_file():
-            return None
         try:
-            return _entry(torch.load(path, map_location="cpu", weights_only=True), key)
+            payload = read_entry(path)
+            return None if payload is None else _entry(payload, key)
         except Exception as err:  # noqa: BLE001 - any unreadable file is a miss, never a crash
             self._corrupt(path, err)
             return None
 
     def save(self, key: str, entry: PreparedEntry) -> None:
-        """Write the entry of `key` atomically (serialised first, then one write and a rename)."""
-        buffer = io.BytesIO()
-        torch.save(_payload(key, entry), buffer)
-        replace_atomic(self.path(key), lambda tmp: tmp.write_bytes(buffer.getvalue()))
+        """Write the entry of `key` atomically (`write_entry`)."""
+        write_entry(self.path(key), _payload(key, entry))
 
     def _corrupt(self, path: Path, err: Exception) -> None:
         logger.warning("prepared-model cache: unusable entry %s (%s: %s); preparing again", path,

@@ -77,6 +77,22 @@ def canonical_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def read_entry(path: Path) -> Any:
+    """The payload stored at `path` (CPU tensors, `weights_only=True`), or None when there is no file.
+    Raises whatever reading or unpickling raised: the caller decides what an unreadable entry means."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_entry(path: Path, payload: Any) -> None:
+    """Write `payload` to `path` atomically (serialised first, then one write and a rename), so a
+    concurrent reader sees the old file or the new one, never a torn one."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    replace_atomic(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
 def image_file(dataset: CocoBoxPrompts, image_id: int) -> Path:
     """The file that `dataset.load_image(image_id)` reads."""
     return dataset.images_dir / dataset.coco.imgs[image_id]["file_name"]
@@ -241,10 +257,9 @@ class EmbeddingStore:
     def load(self, key: str) -> ImageEmbedding | None:
         """The stored embedding of `key` (features on CPU), or None if absent or unreadable (a warning)."""
         path = self.path(key)
-        if not path.is_file():
-            return None
         try:
-            return _embedding(torch.load(path, map_location="cpu", weights_only=True), key)
+            payload = read_entry(path)
+            return None if payload is None else _embedding(payload, key)
         except Exception as err:  # noqa: BLE001 - any unreadable file is a miss, never a crash
             logger.warning("embedding cache: unreadable entry %s (%s: %s); recomputing it", path,
                            type(err).__name__, err)
@@ -252,10 +267,8 @@ class EmbeddingStore:
             return None
 
     def save(self, key: str, embedding: ImageEmbedding) -> None:
-        """Write the entry of `key` atomically (serialised first, then one write and a rename)."""
-        buffer = io.BytesIO()
-        torch.save(_payload(key, embedding), buffer)
-        replace_atomic(self.path(key), lambda tmp: tmp.write_bytes(buffer.getvalue()))
+        """Write the entry of `key` atomically (`write_entry`)."""
+        write_entry(self.path(key), _payload(key, embedding))
 
     def _usable_key(self, predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int) -> str | None:
         """The image's key, or None when the encoder is not FP, is hooked, or the file cannot be hashed."""
@@ -297,4 +310,4 @@ class EmbeddingStore:
 
 
 __all__ = ["CACHE_FORMAT", "CacheStats", "EmbeddingStore", "canonical_key", "embedding_key_fields", "encoder_fields",
-           "encoder_is_fp", "encoder_snapshot", "encoder_is_hooked", "image_file", "numerics_fields"]
+           "encoder_is_fp", "encoder_snapshot", "read_entry", "write_entry", "encoder_is_hooked", "image_file", "numerics_fields"]
