@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -35,10 +35,11 @@ from carsam.models.sam import TESTBED_CHECKPOINT, build_model
 from carsam.quant.quantizers import QuantMode, assert_eval_ready, assert_quant_mode
 from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
 from carsam.prepared_cache import PreparedStore, prepared_source
-from carsam.stage_cache import EmbeddingStore
+from carsam.stage_cache import EmbeddingStore, EntryStore
 from carsam.tracking import Tracker, log_diagnostic_curves
 
 logger = logging.getLogger(__name__)
+StoreT = TypeVar("StoreT", bound=EntryStore)
 
 
 @dataclasses.dataclass
@@ -200,18 +201,21 @@ def cache_dir(config: RunConfig) -> Path:
     return Path(config.cache.dir) if config.cache.dir else Path(config.runs_dir) / ".cache"
 
 
-def make_embedding_store(config: RunConfig) -> EmbeddingStore | None:
-    """The run's on-disk cache of FP image embeddings (None: `cache.enabled=false` or a model-free method)."""
+def _store(config: RunConfig, kind: type[StoreT]) -> StoreT | None:
+    """A stage-cache store of `kind` for the run (None: `cache.enabled=false` or a model-free method)."""
     if not config.cache.enabled or not get_method(config.method).uses_model:
         return None
-    return EmbeddingStore(cache_dir(config), model_description(config.model))
+    return kind(cache_dir(config), model_description(config.model))
+
+
+def make_embedding_store(config: RunConfig) -> EmbeddingStore | None:
+    """The run's on-disk cache of FP image embeddings (None: `cache.enabled=false` or a model-free method)."""
+    return _store(config, EmbeddingStore)
 
 
 def make_prepared_store(config: RunConfig) -> PreparedStore | None:
     """The run's on-disk cache of prepared quantized models (None: `cache.enabled=false` or model-free)."""
-    if not config.cache.enabled or not get_method(config.method).uses_model:
-        return None
-    return PreparedStore(cache_dir(config), model_description(config.model))
+    return _store(config, PreparedStore)
 
 
 def make_tracker(config: RunConfig) -> Tracker:

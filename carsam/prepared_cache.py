@@ -62,7 +62,7 @@ import carsam
 from carsam.hashing import cached_file_sha256
 from carsam.quant.fp_reference import fp_references
 from carsam.quant.quantizers import QuantMode, iter_quantizers, set_quant_mode
-from carsam.stage_cache import CacheStats, canonical_key, image_file, numerics_fields, read_entry, write_entry
+from carsam.stage_cache import CacheStats, EntryStore, canonical_key, image_file, numerics_fields
 
 if TYPE_CHECKING:
     from carsam.data.coco import CocoBoxPrompts
@@ -179,22 +179,28 @@ def _entry(payload: Any, key: str) -> PreparedEntry:
     return PreparedEntry(state, json.loads(details), rng)
 
 
-class PreparedStore:
+class PreparedStore(EntryStore):
     """Prepared quantized models on disk (module docstring).
 
     directory: the cache root (`cache.dir`); model: `{"type", "sha256"}` of the checkpoint the runs build.
+    `stage_stats` counts per stage; `stats` is their sum.
     """
 
-    def __init__(self, directory: str | Path, model: Mapping[str, Any]) -> None:
-        self.directory = Path(directory)
-        self.model = {"type": str(model["type"]), "sha256": str(model["sha256"])}
-        self.stats = CacheStats()
-        self.stage_stats: dict[str, CacheStats] = {}
-        self.last_hit = False  # whether the latest `prepare` restored a stored entry
+    kind = PREPARED
+    unreadable = "prepared-model cache: unusable entry %s (%s: %s); preparing again"
 
-    def path(self, key: str) -> Path:
-        """Where the entry of `key` lives."""
-        return self.directory / PREPARED / key[:2] / f"{key}.pt"
+    def __init__(self, directory: str | Path, model: Mapping[str, Any]) -> None:
+        super().__init__(directory, model)
+        self.stage_stats: dict[str, CacheStats] = {}
+
+    @property
+    def stats(self) -> CacheStats:
+        """The counts summed over the stages."""
+        total = CacheStats()
+        for counts in self.stage_stats.values():
+            for field in dataclasses.fields(CacheStats):
+                setattr(total, field.name, getattr(total, field.name) + getattr(counts, field.name))
+        return total
 
     def key(self, sam: nn.Module, stage: str, stage_fields: Mapping[str, Any], calib: CocoBoxPrompts) -> str | None:
         """The key of preparing the FP `sam` by `stage` on `calib` now; None when it cannot be keyed
@@ -207,79 +213,54 @@ class PreparedStore:
         except OSError:
             return None
 
-    def load(self, key: str) -> PreparedEntry | None:
-        """The stored entry of `key`, or None if absent or unreadable (a warning)."""
-        path = self.path(key)
-        try:
-            payload = read_entry(path)
-            return None if payload is None else _entry(payload, key)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is a miss, never a crash
-            self._corrupt(path, err)
-            return None
-
-    def save(self, key: str, entry: PreparedEntry) -> None:
-        """Write the entry of `key` atomically (`write_entry`)."""
-        write_entry(self.path(key), _payload(key, entry))
-
-    def _corrupt(self, path: Path, err: Exception) -> None:
-        logger.warning("prepared-model cache: unusable entry %s (%s: %s); preparing again", path,
-                       type(err).__name__, err)
-        self.stats.corrupt += 1
+    def load(self, key: str, stats: CacheStats) -> PreparedEntry | None:
+        """The stored entry of `key`, or None if absent or unreadable (a warning, counted in `stats`)."""
+        return self.read(key, lambda payload: _entry(payload, key), stats)
 
     def prepare(self, sam: nn.Module, calib: CocoBoxPrompts, stage: str, stage_fields: Mapping[str, Any],
                 compute: Callable[[], dict[str, Any]], rebuild: Callable[[dict[str, Any]], None],
-                scope: nn.Module | None = None) -> dict[str, Any]:
+                scope: nn.Module | None = None) -> tuple[dict[str, Any], bool]:
         """Run the stage `stage` on `sam` in place: restore the stored result when there is one, else
         `compute()` it (returning its details) and store it. `rebuild(details)` must recreate the module
         structure `compute` leaves (quantized twins, swapped quantizers). `scope` (default `sam`): the
-        module whose quantizer entries (and Parameters changed in place) the stage writes."""
+        module whose quantizer entries (and Parameters changed in place) the stage writes.
+        Returns the details and whether they were restored."""
         scope = sam if scope is None else scope
-        start, self.last_hit = time.perf_counter(), False
-        key = self.key(sam, stage, stage_fields, calib)
+        start = time.perf_counter()
         stats = self.stage_stats.setdefault(stage, CacheStats())
+        key = self.key(sam, stage, stage_fields, calib)
         if key is None:
-            self.stats.bypassed += 1
             stats.bypassed += 1
-            return compute()
-        entry = self.load(key)
+            return compute(), False
+        entry = self.load(key, stats)
         if entry is not None:
             try:
                 restore_(sam, scope, entry, rebuild)
             except Exception as err:  # noqa: BLE001 - whatever went wrong, name the file to delete
-                self.stats.corrupt += 1
                 stats.corrupt += 1
                 raise RuntimeError(f"prepared-model cache entry {self.path(key)} does not fit the model after "
                                    f"rebuilding it ({err}); delete it, or run with cache.enabled=false") from err
-            for counts in (self.stats, stats):
-                counts.hits += 1
-                counts.hit_seconds += time.perf_counter() - start
-            self.last_hit = True
-            return entry.details
+            stats.hits += 1
+            stats.hit_seconds += time.perf_counter() - start
+            return entry.details, True
         versions = {name: parameter_identity(p) for name, p in scope.named_parameters()}
         details = compute()
         if fp_references(scope):
             logger.info("prepared-model cache: %s left FP references; not stored", stage)
         else:
             try:
-                self.save(key, PreparedEntry(changed_state(scope, versions), details,
-                                             rng_states(next(sam.parameters()).device)))
+                self.write(key, _payload(key, PreparedEntry(changed_state(scope, versions), details,
+                                                            rng_states(next(sam.parameters()).device))))
             except (OSError, TypeError, ValueError) as err:  # a full disk or odd details slow the run down only
                 logger.warning("prepared-model cache: cannot write %s (%s: %s)", self.path(key), type(err).__name__,
                                err)
-        for counts in (self.stats, stats):
-            counts.misses += 1
-            counts.miss_seconds += time.perf_counter() - start
-        return details
+        stats.misses += 1
+        stats.miss_seconds += time.perf_counter() - start
+        return details, False
 
     def summary(self) -> dict[str, Any]:
         """What the run record keeps: the counts, in all and per stage."""
-        return {**_rounded(self.stats), "stages": {stage: _rounded(s) for stage, s in self.stage_stats.items()}}
-
-
-def _rounded(stats: CacheStats) -> dict[str, Any]:
-    counts = dataclasses.asdict(stats)
-    counts.update(hit_seconds=round(stats.hit_seconds, 3), miss_seconds=round(stats.miss_seconds, 3))
-    return counts
+        return {**self.stats.record(), "stages": {stage: s.record() for stage, s in self.stage_stats.items()}}
 
 
 def quantizer_keys(scope: nn.Module) -> set[str]:

@@ -46,10 +46,10 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 CACHE_FORMAT = 1  # bump when what is stored, or how an embedding is computed, changes
 EMBEDDINGS = "embeddings"
 VERSIONED = ("torch", "pillow", "segment-anything")
@@ -75,22 +76,6 @@ def canonical_key(fields: Mapping[str, Any]) -> str:
     """Hex SHA-256 of `fields` as canonical JSON (sorted keys, no whitespace)."""
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def read_entry(path: Path) -> Any:
-    """The payload stored at `path` (CPU tensors, `weights_only=True`), or None when there is no file.
-    Raises whatever reading or unpickling raised: the caller decides what an unreadable entry means."""
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def write_entry(path: Path, payload: Any) -> None:
-    """Write `payload` to `path` atomically (serialised first, then one write and a rename), so a
-    concurrent reader sees the old file or the new one, never a torn one."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    replace_atomic(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def image_file(dataset: CocoBoxPrompts, image_id: int) -> Path:
@@ -181,6 +166,52 @@ class CacheStats:
     miss_seconds: float = 0.0
     reused: int = 0
 
+    def record(self) -> dict[str, Any]:
+        """The counts as a run record keeps them (seconds rounded to ms)."""
+        counts = dataclasses.asdict(self)
+        counts.update(hit_seconds=round(self.hit_seconds, 3), miss_seconds=round(self.miss_seconds, 3))
+        return counts
+
+
+class EntryStore:
+    """Entries of one `kind` on disk, `<directory>/<kind>/<key[:2]>/<key>.pt`, shared by runs and workers:
+    `torch.save` payloads read back with `weights_only=True` on CPU, written atomically (serialised first,
+    then one write and a rename), so a concurrent reader sees the old file or the new one, never a torn one.
+
+    directory: the cache root (`cache.dir`); model: `{"type", "sha256"}` of the checkpoint the runs build.
+    `unreadable`: the warning logged (with path, error type, error) when an entry cannot be used.
+    """
+
+    kind = ""
+    unreadable = "cache: unreadable entry %s (%s: %s)"
+
+    def __init__(self, directory: str | Path, model: Mapping[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.model = {"type": str(model["type"]), "sha256": str(model["sha256"])}
+
+    def path(self, key: str) -> Path:
+        """Where the entry of `key` lives."""
+        return self.directory / self.kind / key[:2] / f"{key}.pt"
+
+    def read(self, key: str, parse: Callable[[Any], T], stats: CacheStats) -> T | None:
+        """`parse` of the stored payload of `key`, or None when absent or unusable (a warning, and
+        `stats.corrupt` counted): any unreadable file is a miss, never a crash."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return parse(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            logger.warning(self.unreadable, path, type(err).__name__, err)
+            stats.corrupt += 1
+            return None
+
+    def write(self, key: str, payload: Any) -> None:
+        """Store `payload` as the entry of `key`, atomically."""
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        replace_atomic(self.path(key), lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
 
 def _payload(key: str, embedding: ImageEmbedding) -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "key": key, "features": embedding.features.detach().to("cpu", copy=True),
@@ -199,18 +230,20 @@ def _embedding(payload: Any, key: str) -> ImageEmbedding:
     return ImageEmbedding(features, tuple(sizes[0]), tuple(sizes[1]))  # type: ignore[arg-type]
 
 
-class EmbeddingStore:
+class EmbeddingStore(EntryStore):
     """FP image embeddings on disk (module docstring); a `carsam.eval.inference.EmbeddingSource`.
 
     directory: the cache root (`cache.dir`, default `<runs_dir>/.cache`); model: `{"type", "sha256"}` of the
     checkpoint the runs build (`carsam.pipeline.model_description`).
     """
 
+    kind = EMBEDDINGS
+    unreadable = "embedding cache: unreadable entry %s (%s: %s); recomputing it"
+
     def __init__(self, directory: str | Path, model: Mapping[str, Any]) -> None:
-        self.directory = Path(directory)
-        self.model = {"type": str(model["type"]), "sha256": str(model["sha256"])}
+        super().__init__(directory, model)
         self.stats = CacheStats()
-        self._kept: dict[tuple[int, int], ImageEmbedding] = {}
+        self._kept: dict[int, ImageEmbedding] = {}
         self._keep_ids: frozenset[int] = frozenset()
         self._kept_snapshot: tuple[Any, ...] | None = None
         self._kept_dataset: int | None = None
@@ -237,18 +270,14 @@ class EmbeddingStore:
         if not self._reusable(predictor, dataset, image_id):
             self.stats.bypassed += 1
             return predictor.embed(dataset.load_image(image_id))  # a missing image raises its DatasetError here
-        kept = self._kept.get((id(dataset), image_id))
+        kept = self._kept.get(image_id)
         if kept is not None:
             self.stats.reused += 1
             return dataclasses.replace(kept, features=kept.features.to(predictor.device))
         self.stats.bypassed += 1
         embedding = predictor.embed(dataset.load_image(image_id))
-        self._kept[(id(dataset), image_id)] = dataclasses.replace(embedding, features=embedding.features.cpu())
+        self._kept[image_id] = dataclasses.replace(embedding, features=embedding.features.cpu())
         return embedding
-
-    def path(self, key: str) -> Path:
-        """Where the entry of `key` lives."""
-        return self.directory / EMBEDDINGS / key[:2] / f"{key}.pt"
 
     def key(self, sam: nn.Module, device: torch.device, image_path: str | Path) -> str:
         """The key of `image_path`'s FP embedding by `sam`'s encoder on `device`."""
@@ -256,19 +285,11 @@ class EmbeddingStore:
 
     def load(self, key: str) -> ImageEmbedding | None:
         """The stored embedding of `key` (features on CPU), or None if absent or unreadable (a warning)."""
-        path = self.path(key)
-        try:
-            payload = read_entry(path)
-            return None if payload is None else _embedding(payload, key)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is a miss, never a crash
-            logger.warning("embedding cache: unreadable entry %s (%s: %s); recomputing it", path,
-                           type(err).__name__, err)
-            self.stats.corrupt += 1
-            return None
+        return self.read(key, lambda payload: _embedding(payload, key), self.stats)
 
     def save(self, key: str, embedding: ImageEmbedding) -> None:
-        """Write the entry of `key` atomically (`write_entry`)."""
-        write_entry(self.path(key), _payload(key, embedding))
+        """Write the entry of `key` atomically."""
+        self.write(key, _payload(key, embedding))
 
     def _usable_key(self, predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int) -> str | None:
         """The image's key, or None when the encoder is not FP, is hooked, or the file cannot be hashed."""
@@ -304,10 +325,8 @@ class EmbeddingStore:
 
     def summary(self) -> dict[str, Any]:
         """What the run record keeps: the counts and the folder."""
-        stats = dataclasses.asdict(self.stats)
-        stats.update(hit_seconds=round(self.stats.hit_seconds, 3), miss_seconds=round(self.stats.miss_seconds, 3))
-        return {"enabled": True, **stats, "dir": str(self.directory)}
+        return {"enabled": True, **self.stats.record(), "dir": str(self.directory)}
 
 
 __all__ = ["CACHE_FORMAT", "CacheStats", "EmbeddingStore", "canonical_key", "embedding_key_fields", "encoder_fields",
-           "encoder_is_fp", "encoder_snapshot", "read_entry", "write_entry", "encoder_is_hooked", "image_file", "numerics_fields"]
+           "encoder_is_fp", "encoder_is_hooked", "encoder_snapshot", "EntryStore", "image_file", "numerics_fields"]

@@ -215,8 +215,9 @@ def prepare_ptq4sam_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict
     if store is None:
         return _prepare(sam, calib, config)
     fields = {"quant": dataclasses.asdict(config.quant), "agq_encoder": config.recon.agq_encoder}
-    return store.prepare(sam, calib, "ptq4sam", fields, lambda: _prepare(sam, calib, config),
-                         lambda details: rebuild_prepared_(sam, config, details))
+    details, _ = store.prepare(sam, calib, "ptq4sam", fields, lambda: _prepare(sam, calib, config),
+                               lambda details: rebuild_prepared_(sam, config, details))
+    return details
 
 
 def apply_ptq4sam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:

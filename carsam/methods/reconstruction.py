@@ -254,11 +254,11 @@ def reconstruct_encoder_units_(sam: nn.Module, calib: CocoBoxPrompts, recon: Rec
     store = active_prepared_store()
     if store is None or not any(has_work(unit.module(sam), recipe) for unit in units):
         return reconstruct_units_(sam, calib, recon, recipe, units)
-    stored = store.prepare(sam, calib, "recon_encoder", encoder_stage_fields(sam, recon, recipe, units),
-                           lambda: {"units": reconstruct_units_(sam, calib, recon, recipe, units)},
-                           lambda details: rebuild_reconstructed_(sam, units, recipe, details["units"]),
-                           scope=sam.image_encoder)
-    return [{**r, "cached": True} for r in stored["units"]] if store.last_hit else stored["units"]
+    stored, restored = store.prepare(sam, calib, "recon_encoder", encoder_stage_fields(sam, recon, recipe, units),
+                                     lambda: {"units": reconstruct_units_(sam, calib, recon, recipe, units)},
+                                     lambda details: rebuild_reconstructed_(sam, units, recipe, details["units"]),
+                                     scope=sam.image_encoder)
+    return [{**r, "cached": True} for r in stored["units"]] if restored else stored["units"]
 
 
 def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
