@@ -4,7 +4,7 @@
     python analysis/diagnostics_tables.py oscillation runs/<id> ...
     python analysis/diagnostics_tables.py boundaries runs/<id> ...
 
-`dissipation`: `carsam.report_attention.dissipation_table` of the runs' `diagnostics.parquet` (labelled by run
+`dissipation`: `carsam.report.attention.dissipation_table` of the runs' `diagnostics.parquet` (labelled by run
 name; the FP columns average the given runs only, so pass runs on the same data).
 `oscillation`: per run, the mean over its decoder units and reconstruction streams of the oscillation index
 and slope sign changes, recomputed from the loss curves in `record.json`
@@ -24,8 +24,8 @@ import pandas as pd
 
 from carsam.diagnostics.oscillation import NON_RECON_STREAMS, OSCILLATION, SIGN_CHANGES, oscillation_frame
 from carsam.diagnostics.writer import read_diagnostics
-from carsam.report_attention import dissipation_table
-from carsam.runs import RECORD_FILE
+from carsam.report.attention import dissipation_table
+from carsam.record import RECORD_FILE
 
 
 def _record(run_dir: Path) -> dict:

@@ -2,7 +2,7 @@
 knob-dependent stages no cache can skip (the bound quoted in the README's "Stage cache").
 
 Runs the `bench/stage_cache.py` trial twice on a fresh cache folder (cold, then warm) and, in the warm
-run, times with wrappers: each unit's FP capture pass (`carsam.recon.cache._capture_pass` in FP mode),
+run, times with wrappers: each unit's FP capture pass (`carsam.recon.block_io._capture_pass` in FP mode),
 MAC's FP phases (`carsam.methods.mac._phase("fp")`) and the interference's FP traces
 (`FpTraces.states`). From the warm record: the reconstruction's optimisation time (sum of the units'
 Lightning `seconds`), MAC's seconds and the evaluation time. Prints the bound `off / (warm - FP work)`
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import carsam.methods.mac as mac  # noqa: E402
-import carsam.recon.cache as recon_cache  # noqa: E402
+import carsam.recon.block_io as recon_cache  # noqa: E402
 import carsam.recon.interference as interference  # noqa: E402
 from carsam import pipeline  # noqa: E402
 from carsam.config import resolve  # noqa: E402

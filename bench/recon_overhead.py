@@ -24,8 +24,9 @@ from carsam.models.sam import build_model
 from carsam.pipeline import load_datasets, resolve_device
 from carsam.quant.adaround import enable_adaround_
 from carsam.quant.modules import quantized_weight_modules
-from carsam.quant.quantizers import UniformQuantizer, set_quant_prob
-from carsam.recon.cache import build_unit_cache
+from carsam.quant.quantizers import UniformQuantizer
+from carsam.quant.state import set_quant_prob
+from carsam.recon.block_io import build_unit_cache
 from carsam.recon.stage import ReconSettings, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
 

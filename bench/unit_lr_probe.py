@@ -16,10 +16,10 @@ import time
 import torch
 
 from carsam.config import ReconConfig, resolve
-from carsam.methods.reconstruction import UnitRecipe, quantize_calibrate_, reconstruct_model_
-from carsam.models.sam import TESTBED_CHECKPOINT, build_testbed_from_checkpoint
+from carsam.recon.driver import UnitRecipe, quantize_calibrate_, reconstruct_model_
+from carsam.testbed.spec import TESTBED_CHECKPOINT, build_testbed_from_checkpoint
 from carsam.pipeline import load_datasets
-from carsam.recon.cache import build_unit_cache, cached_unit_loss
+from carsam.recon.block_io import build_unit_cache, cached_unit_loss
 from carsam.recon.units import find_units
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from carsam.config import ConfigError
 from carsam.data.coco import DatasetError
 from carsam.methods.calibrate import CalibrationError
-from carsam.models.sam import CheckpointError
+from carsam.models.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, OSError)
 
@@ -37,9 +37,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import optuna
 
-    from carsam.sweep import run_sweep
-    from carsam.sweep_report import best_trials, objective_names, trials_table
-    from carsam.sweep_storage import default_storage
+    from carsam.sweep.runner import run_sweep
+    from carsam.sweep.summary import best_trials, objective_names, trials_table
+    from carsam.sweep.storage import default_storage
 
     if not args.verbose:  # keep the progress bar readable: per-run logs go to each run's record
         logging.getLogger("carsam").setLevel(logging.WARNING)
@@ -64,7 +64,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from carsam.report import write_report
+    from carsam.report.tables import write_report
 
     paths = write_report(args.runs, args.out, figures=args.figures)
     if not paths:
@@ -76,7 +76,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from carsam.dashboard import build_dashboard, make_server
+    from carsam.report.dashboard import build_dashboard, make_server
 
     if not args.serve:
         print(f"dashboard: {build_dashboard(args.runs, args.out)}")
@@ -102,7 +102,7 @@ def _cmd_testbed_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_testbed_build(args: argparse.Namespace) -> int:
-    from carsam.testbed_build import build_testbed
+    from carsam.testbed.build import build_testbed
 
     card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out)
     print(f"testbed checkpoint: {args.out}/{card['checkpoint']}  train time {card['train_seconds']:.0f}s  "
@@ -182,7 +182,7 @@ def _add_testbed(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--root", default="data", help="data parent folder (default data)")
     b.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the recipe's)")
     b.add_argument("--out", default="build/testbed", help="output folder (default build/testbed; the shipped "
-                   "pair is carsam/assets/testbed_sam.pth + testbed.json)")
+                   "pair is carsam/testbed/testbed_sam.pth + testbed.json)")
     b.set_defaults(func=_cmd_testbed_build)
 
 

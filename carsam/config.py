@@ -96,12 +96,12 @@ class DataConfig:
 
 RECON_GROUPINGS = ("attention_mlp", "block", "pair", "chain")  # decoder groupings (carsam.recon.units.GROUPINGS)
 RECON_ENCODER_GROUPINGS = ("encoder_block", "none")
-RECON_INPUTS = ("fp", "quantized")  # carsam.recon.cache.INPUT_SOURCES
+RECON_INPUTS = ("fp", "quantized")  # carsam.recon.block_io.INPUT_SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
 class ReconConfig:
-    """Block reconstruction of the `brecq`, `qdrop` and `ptq4sam` methods (carsam.methods.reconstruction).
+    """Block reconstruction of the `brecq`, `qdrop` and `ptq4sam` methods (carsam.recon.driver).
 
     `grouping` picks the decoder units (`attention_mlp`: PTQ4SAM's, or `block`); `encoder_grouping` the
     image-encoder units when the encoder is quantized (`encoder_block`, or `none`: encoder weights keep
@@ -262,10 +262,10 @@ class DiagnosticsConfig:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """Stage caching, on disk under `dir` (empty: `<runs_dir>/.cache`), shared by runs, sweep trials and
-    worker processes: the FP image embeddings of calibration and evaluation images (carsam.stage_cache;
+    worker processes: the FP image embeddings of calibration and evaluation images (carsam.cache.embeddings;
     served only while the image encoder is in full precision), PTQ4SAM's prepared quantized model
     (PTQ4SAM and CAR-SAM runs) and the reconstructed image-encoder units (BRECQ, QDrop, PTQ4SAM and
-    CAR-SAM runs with a quantized encoder; both carsam.prepared_cache). Each entry is keyed by exactly
+    CAR-SAM runs with a quantized encoder; both carsam.cache.prepared). Each entry is keyed by exactly
     what it depends on, so a stale entry is never read; `enabled=false` turns all of them off."""
 
     enabled: bool = True

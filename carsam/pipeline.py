@@ -16,30 +16,31 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from carsam.cache.embeddings import EmbeddingStore
+from carsam.cache.prepared import PreparedStore
 from carsam.config import ConfigError, DataConfig, ModelConfig, RunConfig, dump_yaml, to_dict
 from carsam.data.coco import CocoBoxPrompts
-from carsam.atomic import write_text_atomic
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.diagnostics.run import diagnose_run, diagnostic_images
-from carsam.eval.evaluate import box_as_mask_floor, evaluate
-from carsam.eval.inference import active_embedding_source, embedding_source
-from carsam.hashing import cached_file_sha256
-from carsam.methods.registry import get_method
-from carsam.models.sam import TESTBED_CHECKPOINT, build_model
-from carsam.quant.quantizers import QuantMode, assert_eval_ready, assert_quant_mode
-from carsam.runs import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
-from carsam.prepared_cache import PreparedStore, prepared_source
-from carsam.stage_cache import EmbeddingStore, EntryStore
+from carsam.eval.evaluate import EvalResult, box_as_mask_floor, evaluate
+from carsam.files import cached_file_sha256, write_text_atomic
+from carsam.methods.registry import Method, get_method
+from carsam.models.sam import build_model
+from carsam.quant.quantizers import QuantMode
+from carsam.quant.state import assert_eval_ready, assert_quant_mode
+from carsam.recon.driver import ReconReport
+from carsam.record import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
+from carsam.run_context import RunContext
+from carsam.testbed.spec import TESTBED_CHECKPOINT
 from carsam.tracking import Tracker, log_diagnostic_curves
 
 logger = logging.getLogger(__name__)
-StoreT = TypeVar("StoreT", bound=EntryStore)
 
 
 @dataclasses.dataclass
@@ -110,11 +111,10 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 FP_BITS = 32  # what records say for the bits of a method that quantizes nothing
 
 
-def _new_record(config: RunConfig, run_id: str) -> RunRecord:
-    quantized = get_method(config.method).quantized
+def _new_record(config: RunConfig, method: Method, model: dict[str, Any], run_id: str) -> RunRecord:
+    quantized = method.quantized
     return RunRecord(
-        run_id=run_id, name=config.name or config.method, method=config.method,
-        model=model_description(config.model),
+        run_id=run_id, name=config.name or config.method, method=config.method, model=model,
         w_bits=config.quant.w_bits if quantized else FP_BITS, a_bits=config.quant.a_bits if quantized else FP_BITS,
         prompts=config.data.prompt_source, seed=config.seed, config=to_dict(config),
         versions=library_versions(), git_commit=git_commit(),
@@ -139,43 +139,50 @@ def assert_ready_to_evaluate(sam: torch.nn.Module, quantized: bool) -> None:
         assert_quant_mode(sam, QuantMode.FP)
 
 
-def _keep_for_diagnostics(config: RunConfig, sam: torch.nn.Module, val: CocoBoxPrompts,
-                          keep: contextlib.ExitStack | None) -> None:
-    """Keep the quantized embeddings of the diagnostics images from evaluation until `keep` closes (after
-    the diagnostics), so their quantized pass does not encode them again (`EmbeddingStore.keep_quantized`)."""
-    store = active_embedding_source()
-    if keep is not None and config.diagnostics.enabled and isinstance(store, EmbeddingStore):
-        keep.enter_context(store.keep_quantized(sam, val, diagnostic_images(val, config.diagnostics.images)))
+def _evaluate(sam: torch.nn.Module | None, data: DataSets, context: RunContext) -> EvalResult:
+    """The evaluation of the method's model (or of the box-as-mask floor without one)."""
+    if sam is None:
+        return box_as_mask_floor(data.val, progress=context.progress)
+    return evaluate(sam, data.val, progress=context.progress, source=context.embeddings)
 
 
-def _execute(config: RunConfig, record: RunRecord, progress: bool,
-             keep: contextlib.ExitStack | None = None) -> tuple[torch.nn.Module | None, DataSets]:
-    """Build, quantize, evaluate; fills `record` in place. Returns the evaluated model (None for a
-    model-free method) and the data, for the diagnostics (`keep`: see `_keep_for_diagnostics`)."""
-    method = get_method(config.method)
+def _keep_for_diagnostics(config: RunConfig, sam: torch.nn.Module | None, data: DataSets,
+                          context: RunContext) -> contextlib.AbstractContextManager[None]:
+    """Keep the quantized embeddings of the diagnostics images from evaluation to the diagnostics, so their
+    quantized pass does not encode them again (`EmbeddingStore.keep_quantized`); a no-op without a store."""
+    if sam is None or context.embeddings is None or not config.diagnostics.enabled:
+        return contextlib.nullcontext()
+    return context.embeddings.keep_quantized(sam, data.val, diagnostic_images(data.val, config.diagnostics.images))
+
+
+def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunContext
+             ) -> tuple[torch.nn.Module | None, DataSets, ReconReport | None]:
+    """Build and quantize; fills `record` in place. Returns the quantized model (None for a model-free
+    method), the data, and the method's reconstruction report (None if it reconstructs nothing)."""
     device = resolve_device(config.device)
     seed_everything(config.seed)
     with _timed(record.timings, "build"):
         sam = build_model(config.model.type, config.model.checkpoint or None).to(device) if method.uses_model else None
         data = load_datasets(config.data, config.seed)
-    if sam is None:
-        with _timed(record.timings, "evaluate"):
-            result = box_as_mask_floor(data.val, progress=progress)
-    else:
+    recon = None
+    if sam is not None:
         with _timed(record.timings, "method"):
-            record.details.update(method.apply(sam, data.calib, config))
+            details = method.apply(sam, data.calib, config, context)
+        recon = details.get("recon") if isinstance(details.get("recon"), ReconReport) else None
+        record.details.update({**details, "recon": recon.record()} if recon is not None else details)
         assert_ready_to_evaluate(sam, method.quantized)
-        _keep_for_diagnostics(config, sam, data.val, keep)
-        with _timed(record.timings, "evaluate"):
-            result = evaluate(sam, data.val, progress=progress)
+    record.details["calib_images"] = len(data.calib)
+    return sam, data, recon
+
+
+def _record_evaluation(record: RunRecord, result: EvalResult, device: torch.device) -> None:
     record.metrics.update(result.metrics)
     record.details.update(eval_images=result.num_images, eval_prompts=result.num_prompts, eval_gt=result.num_gt,
-                          calib_images=len(data.calib), **peak_memory_mb(device))
-    return sam, data
+                          **peak_memory_mb(device))
 
 
-def _diagnose(config: RunConfig, record: RunRecord, run_dir: Path, sam: torch.nn.Module | None,
-              data: DataSets) -> pd.DataFrame | None:
+def _diagnose(config: RunConfig, method: Method, record: RunRecord, run_dir: Path, sam: torch.nn.Module | None,
+              data: DataSets, recon: ReconReport | None, context: RunContext) -> pd.DataFrame | None:
     """Write the run's `diagnostics.parquet` and add its `diag/*` metrics to `record`.
 
     A failure here is logged as a warning and stored in `record.details["diagnostics"]["error"]`: the
@@ -185,8 +192,8 @@ def _diagnose(config: RunConfig, record: RunRecord, run_dir: Path, sam: torch.nn
         return None
     try:
         with _timed(record.timings, "diagnostics"):
-            result = diagnose_run(config, record.run_id, run_dir, sam, data.val, record.details,
-                                  get_method(config.method).quantized)
+            result = diagnose_run(config, record.run_id, run_dir, sam, data.val, recon, method.quantized,
+                                  source=context.embeddings)
     except Exception as err:  # noqa: BLE001 - the run's metrics are already measured; keep them
         logger.warning("diagnostics failed (%s: %s); the run's metrics are kept", type(err).__name__, err)
         record.details["diagnostics"] = {"error": f"{type(err).__name__}: {err}"}
@@ -201,21 +208,14 @@ def cache_dir(config: RunConfig) -> Path:
     return Path(config.cache.dir) if config.cache.dir else Path(config.runs_dir) / ".cache"
 
 
-def _store(config: RunConfig, kind: type[StoreT]) -> StoreT | None:
-    """A stage-cache store of `kind` for the run (None: `cache.enabled=false` or a model-free method)."""
-    if not config.cache.enabled or not get_method(config.method).uses_model:
-        return None
-    return kind(cache_dir(config), model_description(config.model))
-
-
-def make_embedding_store(config: RunConfig) -> EmbeddingStore | None:
-    """The run's on-disk cache of FP image embeddings (None: `cache.enabled=false` or a model-free method)."""
-    return _store(config, EmbeddingStore)
-
-
-def make_prepared_store(config: RunConfig) -> PreparedStore | None:
-    """The run's on-disk cache of prepared quantized models (None: `cache.enabled=false` or model-free)."""
-    return _store(config, PreparedStore)
+def make_context(config: RunConfig, method: Method, model: dict[str, Any], progress: bool) -> RunContext:
+    """The run's stores (`cache.enabled` and a method that uses the model: both on-disk stage caches under
+    `cache_dir(config)`, keyed by `model`, the record's model description) and switches."""
+    if not config.cache.enabled or not method.uses_model:
+        return RunContext(progress=progress)
+    folder = cache_dir(config)
+    return RunContext(embeddings=EmbeddingStore(folder, model), prepared=PreparedStore(folder, model),
+                      progress=progress)
 
 
 def make_tracker(config: RunConfig) -> Tracker:
@@ -241,13 +241,14 @@ def _finish_tracking(tracker: Tracker, record: RunRecord, diagnostics: pd.DataFr
         record.details["wandb"] = {"id": wandb_id, "mode": mode}
 
 
-def _record_cache(record: RunRecord, store: EmbeddingStore | None, prepared: PreparedStore | None) -> None:
+def _record_cache(record: RunRecord, context: RunContext) -> None:
     """`details.cache`: the embedding cache's hits, misses, bypassed passes (encoder not FP) and folder, and
     under `prepared` the prepared-model cache's counts."""
-    if store is None:
+    if context.embeddings is None:
         record.details["cache"] = {"enabled": False}
         return
-    record.details["cache"] = {**store.summary(), "prepared": prepared.summary() if prepared is not None else None}
+    prepared = context.prepared.summary() if context.prepared is not None else None
+    record.details["cache"] = {**context.embeddings.summary(), "prepared": prepared}
 
 
 def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | None = None) -> RunRecord:
@@ -257,30 +258,34 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     The record is also written as soon as the evaluation is done, before the diagnostics.
     `extra` (e.g. a sweep's trial number) is stored under `record.details`.
     """
+    method, model = get_method(config.method), model_description(config.model)
     run_id = new_run_id(config.name or config.method)
     run_dir = Path(config.runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
     write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
-    record = _new_record(config, run_id)
+    record = _new_record(config, method, model, run_id)
     record.details.update(extra or {}, command=" ".join(sys.argv))
     write_record(run_dir, record)
     tracker = _start_tracking(config, run_id, run_dir)
-    store, prepared = make_embedding_store(config), make_prepared_store(config)
+    context = make_context(config, method, model, progress)
     diagnostics = None
     start = time.perf_counter()
     try:
-        with embedding_source(store), prepared_source(prepared), contextlib.ExitStack() as keep:
-            sam, data = _execute(config, record, progress, keep)
-            _record_cache(record, store, prepared)
+        sam, data, recon = _execute(config, method, record, context)
+        with _keep_for_diagnostics(config, sam, data, context):
+            with _timed(record.timings, "evaluate"):
+                result = _evaluate(sam, data, context)
+            _record_evaluation(record, result, resolve_device(config.device))
+            _record_cache(record, context)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
-            diagnostics = _diagnose(config, record, run_dir, sam, data)
+            diagnostics = _diagnose(config, method, record, run_dir, sam, data, recon, context)
     except BaseException as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
         raise
     else:
         record.status = "completed"
     finally:
-        _record_cache(record, store, prepared)
+        _record_cache(record, context)
         record.timings["total"] = round(time.perf_counter() - start, 3)
         _finish_tracking(tracker, record, diagnostics)
         write_record(run_dir, record)

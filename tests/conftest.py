@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from carsam.data.coco import CocoBoxPrompts
-from carsam.recon.cache import UnitCache, quant_modes_set
+from carsam.recon.block_io import UnitCache
+from carsam.quant.state import quant_modes_set
 from carsam.quant.quantizers import QuantMode
 
 from carsam.data.synthetic import SyntheticSpec, generate_split
-from carsam.models.sam import build_testbed_sam
-from carsam.testbed import save_checkpoint
+from carsam.testbed.spec import build_testbed_sam
+from carsam.testbed.train import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SPEC = SyntheticSpec(seed=7, num_images=(("train", 0), ("calib", 4), ("val", 6)))

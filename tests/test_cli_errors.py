@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from carsam.cli import main
-from carsam.runs import list_records
+from carsam.record import list_records
 from tests.conftest import experiment, real_data_overrides, write_json
 
 

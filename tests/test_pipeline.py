@@ -9,7 +9,8 @@ from carsam import pipeline
 from carsam.config import resolve
 from carsam.methods.registry import Method, _REGISTRY, register
 from carsam.models.quantize import quantize_
-from carsam.quant.quantizers import QuantMode, set_quant_mode
+from carsam.quant.quantizers import QuantMode
+from carsam.quant.state import set_quant_mode
 from tests.conftest import experiment, real_data_overrides
 
 
@@ -59,7 +60,7 @@ def test_a_method_leaving_quantizers_in_calibrate_mode_cannot_be_evaluated(tmp_p
 
 def test_a_quantizer_left_stochastic_cannot_be_evaluated(tmp_path, small_coco, random_testbed_checkpoint):
     from carsam.methods.baselines import apply_rtn
-    from carsam.quant.quantizers import set_quant_prob
+    from carsam.quant.state import set_quant_prob
 
     def half_dropped(sam, calib, config):
         details = apply_rtn(sam, calib, config)

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from carsam import pipeline
-from carsam.hashing import file_sha256
+from carsam.files import file_sha256
 from carsam.config import resolve
-from carsam.models.sam import TESTBED_CARD, TESTBED_CHECKPOINT
+from carsam.testbed.spec import TESTBED_CARD, TESTBED_CHECKPOINT
 from tests.conftest import experiment
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from segment_anything import sam_model_registry
 
 from carsam.cli import main
-from carsam.runs import list_records
+from carsam.record import list_records
 from tests.conftest import experiment, real_data_overrides
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from carsam.atomic import write_text_atomic
+from carsam.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

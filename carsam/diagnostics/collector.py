@@ -44,11 +44,11 @@ from torchvision.ops import box_iou
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.attention import kl_divergence, mask_mass, mask_to_tokens, normalized_entropy
-from carsam.eval.inference import SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, SamBoxPredictor
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
 from carsam.quant.quantizers import QuantMode
-from carsam.recon.cache import quant_modes_set
+from carsam.quant.state import eval_no_grad, quant_modes_set
 
 logger = logging.getLogger(__name__)
 
@@ -242,18 +242,6 @@ class _PairedImage:
             raise RuntimeError(f"the FP and quantized passes made different calls to {unmatched}")
 
 
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode under no_grad; its train/eval flag restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _image_stats(predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int,
                  sites: Sequence[AttentionSite], accumulator: _Accumulator, iou_threshold: float) -> None:
     """Both passes over one image (module docstring), adding its statistics to `accumulator`."""
@@ -273,7 +261,7 @@ def _image_stats(predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: 
 
 def collect_attention_stats(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: Sequence[int],
                             scopes: Sequence[str] = ("decoder",), *, iou_threshold: float = 0.5,
-                            max_boxes_per_batch: int = 64) -> pd.DataFrame:
+                            max_boxes_per_batch: int = 64, source: EmbeddingSource | None = None) -> pd.DataFrame:
     """Attention statistics of `sam` (quantizers as they are) against its FP self on `image_ids`.
 
     Returns the long format `module, layer, head, kind, step, value` (step 0), one row per attention,
@@ -281,7 +269,8 @@ def collect_attention_stats(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: 
     (`carsam.models.quantize.quantize_`); it runs in eval mode under no_grad, and its train/eval flag,
     quantizer modes and hooks are as before afterwards. Call it on a calibrated model: quantizers left
     in CALIBRATE mode would observe these images. `max_boxes_per_batch` chunks the decoder's boxes as
-    `SamBoxPredictor` does. Raises ValueError if no image has a prompt.
+    `SamBoxPredictor` does; `source`: where it gets image embeddings (the run's embedding store; None:
+    encode). Raises ValueError if no image has a prompt.
     """
     sites = attention_sites(sam, scopes)
     unknown = sorted(set(image_ids) - set(dataset.image_ids))
@@ -290,8 +279,8 @@ def collect_attention_stats(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: 
     chosen = [i for i in dict.fromkeys(image_ids) if len(dataset.prompts(i)[0]) > 0]
     if not chosen:
         raise ValueError("none of the chosen images has a prompt box; pick images with prompts")
-    predictor, accumulator = SamBoxPredictor(sam, max_boxes_per_batch), _Accumulator()
-    with _eval_no_grad(sam):
+    predictor, accumulator = SamBoxPredictor(sam, max_boxes_per_batch, source), _Accumulator()
+    with eval_no_grad(sam):
         for image_id in chosen:
             _image_stats(predictor, dataset, image_id, sites, accumulator, iou_threshold)
     logger.info("attention diagnostics: %d attentions over %d images (%d skipped without prompts)",

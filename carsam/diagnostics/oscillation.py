@@ -122,7 +122,7 @@ def curve_steps(num_points: int, steps: int | None) -> np.ndarray:
     """The step index of each of `num_points` recorded points of a curve spanning `steps` steps.
 
     A curve shorter than its run was subsampled evenly keeping the first and last step
-    (`carsam.methods.reconstruction.subsample`); `steps` None or equal to `num_points`: 0, 1, 2, ...
+    (`carsam.recon.driver.subsample`); `steps` None or equal to `num_points`: 0, 1, 2, ...
     """
     if steps is None or num_points >= steps or num_points < 2:
         return np.arange(num_points)

@@ -5,7 +5,7 @@
   first `diagnostics.images` val images that have prompts (the same images for every run of a dataset),
   over the requested scopes that the run quantized (a scope left in FP has nothing to compare);
 - the reconstruction loss curves with their oscillation indices, and the boundary errors and
-  cross-branch interference, from the record's `details.recon` (methods that reconstruct);
+  cross-branch interference, from the method's `ReconReport` (methods that reconstruct);
 then writes them as one long table and returns it with its `diag/*` summary numbers.
 """
 
@@ -25,6 +25,8 @@ from carsam.config import RunConfig
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.collector import collect_attention_stats
 from carsam.diagnostics.oscillation import interference_frame, oscillation_frame
+from carsam.eval.inference import EmbeddingSource
+from carsam.recon.driver import ReconReport
 from carsam.diagnostics.writer import (DIAGNOSTICS_FILE, diagnostics_frame, summary_metrics,
                                       write_diagnostics_frame)
 
@@ -57,22 +59,24 @@ def quantized_scopes(config: RunConfig) -> list[str]:
     return [scope for scope in config.diagnostics.scopes if quantized[scope]]
 
 
-def recon_frames(recon: Mapping[str, Any] | None, window: int) -> list[pd.DataFrame]:
-    """Loss curves + oscillation indices and boundary errors + interference of a `details.recon` record."""
-    if not recon:
+def recon_frames(recon: ReconReport | None, window: int) -> list[pd.DataFrame]:
+    """Loss curves + oscillation indices and boundary errors + interference of a reconstruction."""
+    if recon is None:
         return []
-    frames = [oscillation_frame(recon.get("units", []), window)]
-    if recon.get("interference"):
-        frames.append(interference_frame(recon["interference"]))
+    frames = [oscillation_frame(recon.units, window)]
+    if recon.interference:
+        frames.append(interference_frame(recon.interference))
     return frames
 
 
 def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Module | None,
-                 val: CocoBoxPrompts, details: Mapping[str, Any], quantized: bool) -> RunDiagnostics:
+                 val: CocoBoxPrompts, recon: ReconReport | None, quantized: bool, *,
+                 source: EmbeddingSource | None = None) -> RunDiagnostics:
     """Collect, write `run_dir/diagnostics.parquet` and summarise this run's diagnostics.
 
     sam: the evaluated model (None for model-free methods); attention statistics need it quantized.
-    details: the record's details so far (its `recon` entry, if any, holds the loss curves).
+    recon: the method's reconstruction report (None if it reconstructs nothing): the loss curves and
+    interference. source: where the attention passes get image embeddings (None: encode).
     """
     settings = config.diagnostics
     frames: list[pd.DataFrame] = []
@@ -81,11 +85,12 @@ def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Mo
     scopes = quantized_scopes(config) if quantized and sam is not None else []
     if scopes:
         images = diagnostic_images(val, settings.images)
-        frames.append(collect_attention_stats(sam, val, images, scopes, iou_threshold=settings.iou_threshold))
+        frames.append(collect_attention_stats(sam, val, images, scopes, iou_threshold=settings.iou_threshold,
+                                              source=source))
         info.update(images=images, scopes=scopes)
     else:
         info["attention"] = "skipped: the run quantizes none of diagnostics.scopes"
-    frames += recon_frames(details.get("recon"), settings.oscillation_window)
+    frames += recon_frames(recon, settings.oscillation_window)
     frame = diagnostics_frame(run_id, frames)
     write_diagnostics_frame(run_dir, frame)
     info.update(rows=len(frame), seconds=round(time.perf_counter() - start, 3))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from carsam.atomic import replace_atomic
+from carsam.files import replace_atomic
 from carsam.diagnostics.collector import (ENCODER_ATTN, ENTROPY_KINDS, IMAGE_TO_TOKEN, MASK_KINDS, SELF_ATTN,
                                           TOKEN_TO_IMAGE)
 from carsam.diagnostics.oscillation import INTERFERENCE, NON_RECON_STREAMS, OSCILLATION, SIGN_CHANGES

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from segment_anything.modeling import Sam
@@ -19,11 +19,10 @@ from tqdm import tqdm
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.eval.coco_eval import mask_iou, masks_to_results, segm_map
-from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, SamBoxPredictor
 
 logger = logging.getLogger(__name__)
 
-EmbedFn = Callable[[int, np.ndarray], ImageEmbedding]
 
 
 @dataclasses.dataclass
@@ -71,20 +70,16 @@ def _chosen_ids(dataset: CocoBoxPrompts, max_images: int | None, progress: bool,
 
 
 def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None, progress: bool = False,
-             embed_fn: EmbedFn | None = None, max_boxes_per_batch: int = 64) -> EvalResult:
+             source: EmbeddingSource | None = None, max_boxes_per_batch: int = 64) -> EvalResult:
     """Run `sam` on the set's prompts (mAP) and GT boxes (mIoU): one encoder pass per image.
 
-    `embed_fn(image_id, image)` may serve cached encoder outputs; default: `SamBoxPredictor.embed_image`
-    (the active `embedding_source`, e.g. the pipeline's on-disk cache of FP embeddings, or the encoder).
+    `source` may serve the image embeddings (the run's on-disk cache of FP embeddings; None: the encoder).
     `max_images` evaluates the first images of the set only (mAP then covers just those).
     """
-    predictor = SamBoxPredictor(sam, max_boxes_per_batch)
+    predictor = SamBoxPredictor(sam, max_boxes_per_batch, source=source)
     tally = _Tally()
     for image_id in _chosen_ids(dataset, max_images, progress, "eval"):
-        if embed_fn is None:
-            embedding = predictor.embed_image(dataset, image_id)
-        else:
-            embedding = embed_fn(image_id, dataset.load_image(image_id))
+        embedding = predictor.embed_image(dataset, image_id)
         boxes, scores, category_ids = dataset.prompts(image_id)
         gt_boxes, gt_masks, _ = dataset.ground_truth(image_id)
         masks, pred_iou = predictor.predict(embedding, boxes)

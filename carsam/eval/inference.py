@@ -5,24 +5,25 @@ This mirrors the math of `segment_anything.SamPredictor` for the protocol's case
 embedding as a value (`ImageEmbedding`) rather than predictor state, so that callers can cache it.
 
 Every encoder pass over a dataset image goes through `SamBoxPredictor.embed_image(dataset, image_id)`.
-Inside an `embedding_source(source)` block (the pipeline opens one around a run; see
-`carsam.stage_cache.EmbeddingStore`) it asks `source` for the embedding, which may serve the FP
-encoder's output from disk; outside one, or with `None`, it reads the image and encodes it.
+A predictor built with a `source` (the run's `carsam.cache.embeddings.EmbeddingStore`, handed down from
+the pipeline's `RunContext`) asks it for the embedding, which may serve the FP encoder's output from
+disk; without one it reads the image and encodes it. `protocol_pass` runs a dataset through a predictor
+the way the protocol does (per image: embed, then decode all of its prompt boxes): calibration, FP
+statistics passes and block-I/O capture all use it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from carsam.data.coco import CocoBoxPrompts
@@ -50,32 +51,14 @@ class EmbeddingSource(Protocol):
     def embed(self, predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int) -> ImageEmbedding: ...
 
 
-_SOURCE: contextvars.ContextVar[EmbeddingSource | None] = contextvars.ContextVar("carsam_embedding_source",
-                                                                                default=None)
-
-
-@contextlib.contextmanager
-def embedding_source(source: EmbeddingSource | None) -> Iterator[None]:
-    """Inside the block, `SamBoxPredictor.embed_image` goes through `source` (None: plain encoding)."""
-    token = _SOURCE.set(source)
-    try:
-        yield
-    finally:
-        _SOURCE.reset(token)
-
-
-def active_embedding_source() -> EmbeddingSource | None:
-    """The source set by the innermost `embedding_source` block, if any."""
-    return _SOURCE.get()
-
-
 class SamBoxPredictor:
     """Predict one mask and one IoU score per box prompt with a (possibly quantized) SAM."""
 
-    def __init__(self, sam: Sam, max_boxes_per_batch: int = 64) -> None:
+    def __init__(self, sam: Sam, max_boxes_per_batch: int = 64, source: EmbeddingSource | None = None) -> None:
         if max_boxes_per_batch < 1:
             raise ValueError(f"max_boxes_per_batch must be >= 1, got {max_boxes_per_batch}")
         self.sam = sam
+        self.source = source
         self.max_boxes_per_batch = max_boxes_per_batch
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
 
@@ -94,11 +77,10 @@ class SamBoxPredictor:
         return ImageEmbedding(features, (resized.shape[0], resized.shape[1]), (image.shape[0], image.shape[1]))
 
     def embed_image(self, dataset: CocoBoxPrompts, image_id: int) -> ImageEmbedding:
-        """`embed` of the dataset's image `image_id`, through the active `embedding_source` if one is set."""
-        source = _SOURCE.get()
-        if source is None:
+        """`embed` of the dataset's image `image_id`, through the predictor's `source` if it has one."""
+        if self.source is None:
             return self.embed(dataset.load_image(image_id))
-        return source.embed(self, dataset, image_id)
+        return self.source.embed(self, dataset, image_id)
 
     @torch.no_grad()
     def predict(self, embedding: ImageEmbedding, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,3 +113,25 @@ class SamBoxPredictor:
         logits = self.sam.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
         masks = logits[:, 0] > self.sam.mask_threshold
         return masks.cpu().numpy(), iou[:, 0].float().cpu().numpy()
+
+
+def run_image(predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int, encoder_only: bool = False) -> None:
+    """Run one image as the protocol does: embed it, then decode all of its prompt boxes (`encoder_only`: stop
+    after the encoder). An image without a prompt box is skipped (no encoder pass either)."""
+    boxes = dataset.prompts(image_id)[0]
+    if len(boxes) == 0:
+        return
+    embedding = predictor.embed_image(dataset, image_id)
+    if not encoder_only:
+        predictor.predict(embedding, boxes)
+
+
+def protocol_pass(predictor: SamBoxPredictor, dataset: CocoBoxPrompts, *, encoder_only: bool = False,
+                  after_image: Callable[[int], None] | None = None, progress: bool = False,
+                  desc: str = "pass") -> None:
+    """`run_image` on every image of `dataset` in order, calling `after_image(image_id)` after each one
+    (e.g. to collect what hooks recorded). The caller sets the quantizer modes, eval mode and no_grad."""
+    for image_id in tqdm(dataset.image_ids, desc=desc, unit="img", disable=not progress):
+        run_image(predictor, dataset, image_id, encoder_only)
+        if after_image is not None:
+            after_image(image_id)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 from segment_anything.modeling import Sam
-from tqdm import tqdm
 
 from carsam.data.coco import CocoBoxPrompts
-from carsam.eval.inference import SamBoxPredictor
-from carsam.models.quantize import calibrate_weights_
-from carsam.quant.quantizers import QuantMode, assert_quant_mode, iter_quantizers, set_quant_mode
+from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
+from carsam.models.quantize import calibrate_weights_, quantize_
+from carsam.quant.quantizers import QuantMode, iter_quantizers
+from carsam.quant.state import assert_quant_mode, set_quant_mode
+
+if TYPE_CHECKING:
+    from carsam.config import RunConfig
+    from carsam.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +25,12 @@ class CalibrationError(ValueError):
     """The calibration set cannot calibrate the model (e.g. it is empty or has no prompts)."""
 
 
-def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False) -> Sam:
+def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False,
+               source: EmbeddingSource | None = None) -> Sam:
     """Observe weights and activations on `calib` (each image with all its prompts), then switch
     every quantizer to QUANTIZED with its qparams computed from what it observed.
 
+    `source`: where the predictor gets image embeddings (the run's embedding store, or None: encode).
     Raises CalibrationError when the set is empty or gives the decoder no prompt to observe.
     """
     if len(calib) == 0 or calib.num_prompts == 0:
@@ -31,12 +38,8 @@ def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False) -> Sa
                                "point data.calib_* at images with annotations")
     calibrate_weights_(sam)
     set_quant_mode(sam, QuantMode.CALIBRATE)
-    predictor = SamBoxPredictor(sam)
     with torch.no_grad():  # not inference_mode: observer state must stay usable by later autograd steps
-        for image_id in tqdm(calib.image_ids, desc="calibrate", unit="img", disable=not progress):
-            boxes = calib.prompts(image_id)[0]
-            if len(boxes):
-                predictor.predict(predictor.embed_image(calib, image_id), boxes)
+        protocol_pass(SamBoxPredictor(sam, source=source), calib, progress=progress, desc="calibrate")
     set_quant_mode(sam, QuantMode.QUANTIZED)
     assert_quant_mode(sam, QuantMode.QUANTIZED)
     uncalibrated = [path for path, q in iter_quantizers(sam) if not q.is_calibrated]
@@ -44,3 +47,11 @@ def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False) -> Sa
         raise CalibrationError(f"{len(uncalibrated)} quantizers saw no data during calibration, e.g. {uncalibrated[0]}")
     logger.info("calibrated %d quantizers on %d images", sum(1 for _ in iter_quantizers(sam)), len(calib))
     return sam
+
+
+def quantize_calibrate_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
+    """Quantize per `config.quant` and calibrate every range on `calib`: the `rtn` method, and the starting
+    point of the range-search and reconstruction methods. Returns the counts the record keeps."""
+    quantize_(sam, config.quant)
+    calibrate_(sam, calib, source=context.embeddings)
+    return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib)}

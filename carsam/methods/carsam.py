@@ -1,6 +1,6 @@
 """CAR-SAM: PTQ4SAM's quantizers and reconstruction + MatMul-Aware Compensation (MAC) + JCAR.
 
-Order of `apply_carsam` (METHODS.md, "Our reading"):
+Order of `apply_carsam` (docs/methods.md, "carsam's reading"):
 
 1. PTQ4SAM's preparation (`prepare_ptq4sam_`): quantize per `config.quant`, BIG sign folding, AGQ log
    softmax quantizers, calibrate every range;
@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 from carsam.methods.jcar import jcar_settings_for
 from carsam.methods.mac import apply_mac_
 from carsam.methods.ptq4sam import prepare_ptq4sam_
-from carsam.methods.reconstruction import qdrop_recipe, recon_settings, recon_units, reconstruct_model_
+from carsam.methods.qdrop import qdrop_recipe
 from carsam.methods.registry import Method, register
+from carsam.recon.driver import recon_settings, recon_units, reconstruct_model_
 from carsam.recon.units import ReconUnit
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
     from carsam.config import RunConfig
     from carsam.data.coco import CocoBoxPrompts
+    from carsam.run_context import RunContext
 
 
 def carsam_units(sam: Sam, config: RunConfig) -> list[ReconUnit]:
@@ -47,17 +49,17 @@ def carsam_units(sam: Sam, config: RunConfig) -> list[ReconUnit]:
     return recon_units(sam, config.recon, config.jcar.grouping if config.jcar.enabled else None)
 
 
-def apply_carsam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+def apply_carsam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
     """CAR-SAM (module docstring): PTQ4SAM preparation, MAC, QDrop reconstruction with JCAR units."""
-    details = prepare_ptq4sam_(sam, calib, config)
+    details = prepare_ptq4sam_(sam, calib, config, context)
     mac_on = config.mac.enabled and config.quant.quantize_decoder
     if mac_on and config.mac.order == "before":
-        details["mac"] = apply_mac_(sam, calib, config.mac)
+        details["mac"] = apply_mac_(sam, calib, config.mac, source=context.embeddings)
     settings_for = jcar_settings_for(recon_settings(config.recon), config.jcar) if config.jcar.enabled else None
     details["recon"] = reconstruct_model_(sam, calib, config.recon, qdrop_recipe(config), carsam_units(sam, config),
-                                          settings_for=settings_for)
+                                          settings_for=settings_for, context=context)
     if mac_on and config.mac.order == "after":
-        details["mac"] = apply_mac_(sam, calib, config.mac)
+        details["mac"] = apply_mac_(sam, calib, config.mac, source=context.embeddings)
     return details
 
 

@@ -2,7 +2,7 @@
 
 JCAR reconstructs coupled attention branches together: its units are `carsam.recon.units`' `block`,
 `pair` or `chain` groupings, whose two-stream units (a block or a span of decoder steps) output the
-token stream (queries) and the image stream (keys). Our reading of its loss (METHODS.md):
+token stream (queries) and the image stream (keys). Our reading of its loss (docs/methods.md):
 
     loss = w_tokens * MSE(queries) + w_image * MSE(keys)
 
@@ -17,7 +17,7 @@ smaller than QDrop's default `qdrop` reduction (which sums over tokens), so the 
 weight weighs relatively more on the span units.
 
 `jcar_settings_for(base, jcar)` is the `settings_for` hook of
-`carsam.methods.reconstruction.reconstruct_model_`.
+`carsam.recon.driver.reconstruct_model_`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from carsam.recon.units import BLOCK_STREAMS, ReconUnit
 
 if TYPE_CHECKING:
     from carsam.config import JcarConfig
-    from carsam.recon.cache import UnitCache
+    from carsam.recon.block_io import UnitCache
 
 JCAR_REDUCTION = "mean"
 

@@ -1,5 +1,5 @@
 """MatMul-Aware Compensation (MAC): closed-form corrections of q/k/v_proj so that the quantized
-attention MatMuls reproduce the FP ones (METHODS.md, "Our reading"; the algebra, its exactness and
+attention MatMuls reproduce the FP ones (docs/methods.md, "carsam's reading"; the algebra, its exactness and
 shapes are in `carsam.methods.mac_math`).
 
 FP quantities come from a pass with every quantizer in FP mode *and the original weights*
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, ImageEmbedding, SamBoxPredictor
 from carsam.methods.mac_math import (MacError, heads_to_rows, key_residual, pv_normal_terms, query_residual,
                                      score_error_terms, solve_ridge, with_ones)
 from carsam.methods.ptq4sam import token_to_image_attentions
@@ -56,7 +56,7 @@ from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.fp_reference import remember_fp_
 from carsam.quant.modules import QuantLinear
 from carsam.quant.quantizers import QuantMode, UniformQuantizer, iter_quantizers
-from carsam.recon.cache import quant_modes_set
+from carsam.quant.state import eval_no_grad, quant_modes_set
 
 if TYPE_CHECKING:
     from carsam.config import MacConfig
@@ -288,26 +288,21 @@ def run_pairs(model: nn.Module, samples: Sequence[Sample], capture: StepCapture,
               fp_memo: FpCallMemo | None = None) -> None:
     """Run every sample twice (FP, then quantized) under no_grad and eval mode, feeding `capture`; the FP
     phase of a sample held by `fp_memo` is served from it instead (and a computed one offered to it)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for index, sample in enumerate(samples):
-                capture.begin(PHASES[0])
-                kept = fp_memo.get(index) if fp_memo is not None else None
-                if kept is not None:
-                    capture.fp_calls = kept
-                else:
-                    with _phase(model, PHASES[0]):
-                        sample(PHASES[0])
-                    if fp_memo is not None:
-                        fp_memo.keep(index, capture.fp_calls)
-                capture.begin(PHASES[1])
-                with _phase(model, PHASES[1]):
-                    sample(PHASES[1])
-                capture.end_sample()
-    finally:
-        model.train(was_training)
+    with eval_no_grad(model):
+        for index, sample in enumerate(samples):
+            capture.begin(PHASES[0])
+            kept = fp_memo.get(index) if fp_memo is not None else None
+            if kept is not None:
+                capture.fp_calls = kept
+            else:
+                with _phase(model, PHASES[0]):
+                    sample(PHASES[0])
+                if fp_memo is not None:
+                    fp_memo.keep(index, capture.fp_calls)
+            capture.begin(PHASES[1])
+            with _phase(model, PHASES[1]):
+                sample(PHASES[1])
+            capture.end_sample()
 
 
 def _run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int, encoder_only: bool,
@@ -323,9 +318,11 @@ def _run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int,
 
 
 def sam_samples(sam: nn.Module, calib: CocoBoxPrompts, encoder_only: bool,
-                embeddings: dict[tuple[int, str], ImageEmbedding] | None = None) -> list[Sample]:
-    """One `Sample` per calibration image with prompts (`encoder_only`: stop after the encoder)."""
-    predictor = SamBoxPredictor(sam)
+                embeddings: dict[tuple[int, str], ImageEmbedding] | None = None,
+                source: EmbeddingSource | None = None) -> list[Sample]:
+    """One `Sample` per calibration image with prompts (`encoder_only`: stop after the encoder); `source`:
+    where the predictor gets image embeddings (the run's embedding store; None: encode)."""
+    predictor = SamBoxPredictor(sam, source=source)
     ids = [i for i in calib.image_ids if len(calib.prompts(i)[0])]
     if not ids:
         raise MacError("MAC: the calibration set has no image with a prompt box")
@@ -436,7 +433,7 @@ def check_ready(sam: nn.Module) -> None:
 
 
 def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
-               cache_embeddings: bool = True) -> dict[str, Any]:
+               cache_embeddings: bool = True, source: EmbeddingSource | None = None) -> dict[str, Any]:
     """MAC on the attentions of `mac.targets` of a quantized, calibrated `sam`, in place (module docstring).
 
     Runs whatever `mac.enabled` says (the pipeline decides whether to call it). Every changed Parameter
@@ -444,7 +441,7 @@ def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
     do, so FP-mode passes before and after MAC run the FP model. Returns a JSON-serialisable record: the
     settings and, per attention path, per step, `solve_seconds`, `lambda` (per head for v), `dw_rel`
     (`‖ΔW‖/‖W‖` of the solved correction, before `strength`) and `score_error`/`output_error`
-    `_before`/`_after` (relative, over the calibration set).
+    `_before`/`_after` (relative, over the calibration set). `source`: see `sam_samples`.
     """
     check_ready(sam)
     embeddings: dict[tuple[int, str], ImageEmbedding] | None = None
@@ -455,7 +452,7 @@ def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
         encoder = isinstance(attn, QuantEncoderAttention)
         if not encoder and embeddings is None and cache_embeddings:
             embeddings = {}  # created after the encoder attentions: the encoder no longer changes
-        samples = sam_samples(sam, calib, encoder, None if encoder else embeddings)
+        samples = sam_samples(sam, calib, encoder, None if encoder else embeddings, source)
         began = time.perf_counter()
         steps = correct_attention_(attn, sam, samples, steps_for(mac.variant, encoder), mac.strength, mac.damping,
                                    path)

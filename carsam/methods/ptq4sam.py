@@ -4,23 +4,24 @@ Order of `apply_ptq4sam` (every quantizer is in FP mode right after `quantize_`,
 see the FP model):
 
 1. `quantize_` per `config.quant`;
-2. BIG (`integrate_bimodal_keys_`): one FP pass over the calibration set records the `k_proj` output
-   of each decoder token->image attention (both blocks' `cross_attn_token_to_image` and
-   `final_attn_token_to_image`); where it is bimodal (`carsam.methods.big.is_bimodal`), the majority
-   signs are folded into `q_proj`/`k_proj`. Running BIG before `calibrate_` *is* the recalibration of
-   the affected quantizers: the weight quantizers of `q_proj`/`k_proj` and the `qk_matmul` operands
-   are calibrated on the folded model, and no other quantizer sees different data (folding leaves
-   every score, hence everything downstream, unchanged). Keys are subsampled to at most
-   `MAX_KEY_ROWS` rows per call (strided) to bound memory on real SAM (4096 image tokens per box).
-3. AGQ (`adopt_log_softmax_`): each decoder attention's softmax-probability quantizer
-   (`pv_matmul.lhs_quantizer`) becomes a `LogQuantizer` with the same bit width, scale 1 (the bound of
-   a softmax) and the `tau` in {1, 2, 4} minimising the calibration error `sum ||Q(P) V - P V||^2`
-   (FP P and V). The error is summed call by call, which equals `search_tau` on the concatenated
-   calibration tensors without holding them. The image-encoder attentions get it too only with
-   `recon.agq_encoder` (off by default: PTQ4SAM's technique is about the decoder's token->image maps,
-   and a global encoder map of real SAM is 4096x4096 per head, costly to search);
+2. one FP pass over the calibration set (`collect_fp_statistics`) records what BIG and AGQ need: the
+   `k_proj` output of each decoder token->image attention (both blocks' `cross_attn_token_to_image`
+   and `final_attn_token_to_image`; subsampled to at most `MAX_KEY_ROWS` rows per call, strided, to
+   bound memory on real SAM's 4096 image tokens per box) and, per attention whose softmax output is
+   quantized, the error `sum ||Q_tau(P) V - P V||^2` of each candidate tau in {1, 2, 4} (FP P and V,
+   summed call by call, which equals `search_tau` on the concatenated tensors without holding them).
+   One pass serves both: BIG's sign folding leaves every FP score, hence P and V, bit-identical;
+3. BIG (`fold_bimodal_keys_`): where the keys are bimodal (`carsam.methods.big.is_bimodal`), the
+   majority signs are folded into `q_proj`/`k_proj`. Running BIG before `calibrate_` *is* the
+   recalibration of the affected quantizers (the `q_proj`/`k_proj` weight quantizers and the
+   `qk_matmul` operands are calibrated on the folded model; nothing else sees different data).
+   AGQ (`adopt_searched_taus_`): each such softmax-probability quantizer (`pv_matmul.lhs_quantizer`)
+   becomes a `LogQuantizer` with the same bit width, scale 1 (the bound of a softmax) and the tau of
+   least error. The image-encoder attentions get it too only with `recon.agq_encoder` (off by
+   default: PTQ4SAM's technique is about the decoder's token->image maps, and a global encoder map of
+   real SAM is 4096x4096 per head, costly to search);
 4. `calibrate_` (all ranges; the log quantizers have a fixed scale and need none);
-5. QDrop reconstruction (`carsam.methods.reconstruction`), which also resets QDrop everywhere.
+5. QDrop reconstruction (`carsam.recon.driver`), which also resets QDrop everywhere.
 
 `details["big"]` lists per attention its bimodality coefficient and folded channels;
 `details["agq"]` per attention the chosen tau and the error of each candidate.
@@ -38,23 +39,24 @@ import torch
 from segment_anything.modeling import transformer
 from torch import Tensor, nn
 
-from carsam.eval.inference import SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
 from carsam.methods.big import BIMODALITY_THRESHOLD, bimodality_coefficient, integrate_bimodal_
 from carsam.methods.calibrate import calibrate_
-from carsam.methods.reconstruction import qdrop_recipe, reconstruct_model_
+from carsam.methods.qdrop import qdrop_recipe
+from carsam.recon.driver import reconstruct_model_
 from carsam.methods.registry import Method, register
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE, quantize_
-from carsam.prepared_cache import active_prepared_store
 from carsam.quant.logquant import TAUS, LogQuantizer, pv_error
 from carsam.quant.quantizers import QuantizerBase, QuantMode, iter_quantizers
-from carsam.recon.cache import quant_modes_set
+from carsam.quant.state import eval_no_grad, quant_modes_set
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
     from carsam.config import RunConfig
     from carsam.data.coco import CocoBoxPrompts
+    from carsam.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +76,10 @@ def _hooked(hooks: list[tuple[nn.Module, Any, bool]]) -> Iterator[None]:
             handle.remove()
 
 
-def fp_calibration_pass(sam: nn.Module, calib: CocoBoxPrompts) -> None:
-    """Run the FP model (every quantizer in FP mode, restored after) over `calib`: embed, decode all boxes."""
-    predictor, was_training = SamBoxPredictor(sam), sam.training
-    sam.eval()
-    try:
-        with quant_modes_set(sam, QuantMode.FP), torch.no_grad():
-            for image_id in calib.image_ids:
-                boxes = calib.prompts(image_id)[0]
-                if len(boxes):
-                    predictor.predict(predictor.embed_image(calib, image_id), boxes)
-    finally:
-        sam.train(was_training)
+def fp_calibration_pass(sam: nn.Module, calib: CocoBoxPrompts, source: EmbeddingSource | None = None) -> None:
+    """Run the FP model (every quantizer in FP mode, restored after) over `calib` the protocol way."""
+    with eval_no_grad(sam), quant_modes_set(sam, QuantMode.FP):
+        protocol_pass(SamBoxPredictor(sam, source=source), calib)
 
 
 def token_to_image_attentions(sam: nn.Module) -> dict[str, nn.Module]:
@@ -104,27 +98,14 @@ def _strided_rows(x: Tensor, max_rows: int) -> Tensor:
     return rows[::step].float().cpu()
 
 
-def collect_keys(sam: nn.Module, calib: CocoBoxPrompts, attentions: dict[str, nn.Module]) -> dict[str, Tensor]:
-    """FP `k_proj` outputs of each attention over `calib`, as `(R, C)` rows (subsampled, see module doc)."""
-    keys: dict[str, list[Tensor]] = {path: [] for path in attentions}
-
-    def recorder(path: str) -> Any:
-        return lambda module, args, output: keys[path].append(_strided_rows(output, MAX_KEY_ROWS))
-
-    with _hooked([(attn.k_proj, recorder(path), False) for path, attn in attentions.items()]):
-        fp_calibration_pass(sam, calib)
-    return {path: torch.cat(rows) for path, rows in keys.items()}
+def _key_recorder(rows: list[Tensor]) -> Any:
+    return lambda module, args, output: rows.append(_strided_rows(output, MAX_KEY_ROWS))
 
 
-def integrate_bimodal_keys_(sam: nn.Module, calib: CocoBoxPrompts,
-                            threshold: float = BIMODALITY_THRESHOLD) -> dict[str, dict[str, Any]]:
-    """BIG on every decoder token->image attention of `sam` (see the module docstring), in place.
-
-    Returns per attention path: the bimodality coefficient of its FP keys, whether signs were folded
-    and how many channels were negated.
-    """
-    attentions = token_to_image_attentions(sam)
-    keys = collect_keys(sam, calib, attentions)
+def fold_bimodal_keys_(attentions: dict[str, nn.Module], keys: dict[str, Tensor],
+                       threshold: float = BIMODALITY_THRESHOLD) -> dict[str, dict[str, Any]]:
+    """BIG on each attention from its FP keys `(R, C)`, in place. Returns per attention path: the bimodality
+    coefficient of its keys, whether signs were folded and how many channels were negated."""
     report = {}
     for path, attn in attentions.items():
         coefficient = bimodality_coefficient(keys[path])
@@ -134,6 +115,14 @@ def integrate_bimodal_keys_(sam: nn.Module, calib: CocoBoxPrompts,
     logger.info("BIG: folded %d of %d token->image attentions", sum(r["folded"] for r in report.values()),
                 len(report))
     return report
+
+
+def integrate_bimodal_keys_(sam: nn.Module, calib: CocoBoxPrompts, threshold: float = BIMODALITY_THRESHOLD,
+                            source: EmbeddingSource | None = None) -> dict[str, dict[str, Any]]:
+    """BIG alone on every decoder token->image attention of `sam`: its own FP pass, then the folding."""
+    attentions = token_to_image_attentions(sam)
+    keys, _ = collect_fp_statistics(sam, calib, attentions, {}, source)
+    return fold_bimodal_keys_(attentions, keys, threshold)
 
 
 def softmax_attentions(sam: nn.Module, encoder: bool) -> dict[str, nn.Module]:
@@ -165,13 +154,24 @@ class _PVErrors:
         return min(self.errors, key=self.errors.__getitem__)
 
 
-def adopt_log_softmax_(sam: nn.Module, calib: CocoBoxPrompts, encoder: bool = False) -> dict[str, dict[str, Any]]:
-    """AGQ: replace `pv_matmul.lhs_quantizer` of each attention of `softmax_attentions(sam, encoder)` by
-    a `LogQuantizer` (same bits, scale 1) with the searched tau; in place. Returns tau and errors per path."""
-    attentions = softmax_attentions(sam, encoder)
-    searches = {path: _PVErrors(attn.pv_matmul.lhs_quantizer.bits) for path, attn in attentions.items()}
-    with _hooked([(attn.pv_matmul, searches[path], True) for path, attn in attentions.items()]):
-        fp_calibration_pass(sam, calib)
+def collect_fp_statistics(sam: nn.Module, calib: CocoBoxPrompts, big: dict[str, nn.Module],
+                          agq: dict[str, nn.Module], source: EmbeddingSource | None = None
+                          ) -> tuple[dict[str, Tensor], dict[str, _PVErrors]]:
+    """One FP pass over `calib` (module docstring, step 2): the keys `(R, C)` of each attention of `big` and
+    the tau errors of each attention of `agq`. No pass runs when both are empty."""
+    rows: dict[str, list[Tensor]] = {path: [] for path in big}
+    searches = {path: _PVErrors(attn.pv_matmul.lhs_quantizer.bits) for path, attn in agq.items()}
+    hooks = [(attn.k_proj, _key_recorder(rows[path]), False) for path, attn in big.items()]
+    hooks += [(attn.pv_matmul, searches[path], True) for path, attn in agq.items()]
+    if hooks:
+        with _hooked(hooks):
+            fp_calibration_pass(sam, calib, source)
+    return {path: torch.cat(r) for path, r in rows.items()}, searches
+
+
+def adopt_searched_taus_(attentions: dict[str, nn.Module], searches: dict[str, _PVErrors]) -> dict[str, dict[str, Any]]:
+    """AGQ: replace `pv_matmul.lhs_quantizer` of each attention by a `LogQuantizer` (same bits, scale 1) with
+    the tau of least error in `searches`; in place. Returns tau, bits and the errors per path."""
     report = {}
     for path, attn in attentions.items():
         search = searches[path]
@@ -184,13 +184,22 @@ def adopt_log_softmax_(sam: nn.Module, calib: CocoBoxPrompts, encoder: bool = Fa
     return report
 
 
-def _prepare(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+def adopt_log_softmax_(sam: nn.Module, calib: CocoBoxPrompts, encoder: bool = False,
+                       source: EmbeddingSource | None = None) -> dict[str, dict[str, Any]]:
+    """AGQ alone on `softmax_attentions(sam, encoder)`: its own FP pass, then the swap."""
+    attentions = softmax_attentions(sam, encoder)
+    _, searches = collect_fp_statistics(sam, calib, {}, attentions, source)
+    return adopt_searched_taus_(attentions, searches)
+
+
+def _prepare(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, source: EmbeddingSource | None) -> dict[str, Any]:
     quantize_(sam, config.quant)
-    big = integrate_bimodal_keys_(sam, calib) if config.quant.quantize_decoder else {}
-    agq = adopt_log_softmax_(sam, calib, encoder=config.recon.agq_encoder and config.quant.quantize_encoder)
-    calibrate_(sam, calib)
-    return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib), "big": big,
-            "agq": agq}
+    big = token_to_image_attentions(sam) if config.quant.quantize_decoder else {}
+    agq = softmax_attentions(sam, encoder=config.recon.agq_encoder and config.quant.quantize_encoder)
+    keys, searches = collect_fp_statistics(sam, calib, big, agq, source)
+    details = {"big": fold_bimodal_keys_(big, keys), "agq": adopt_searched_taus_(agq, searches)}
+    calibrate_(sam, calib, source=source)
+    return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib), **details}
 
 
 def rebuild_prepared_(sam: nn.Module, config: RunConfig, details: dict[str, Any]) -> None:
@@ -203,32 +212,33 @@ def rebuild_prepared_(sam: nn.Module, config: RunConfig, details: dict[str, Any]
         attn.pv_matmul.lhs_quantizer = LogQuantizer(int(chosen["bits"]), tau=int(chosen["tau"]), scale=1.0).to(device)
 
 
-def prepare_ptq4sam_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+def prepare_ptq4sam_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
     """Steps 1-4 of the module docstring (quantize, BIG, AGQ, calibrate): PTQ4SAM before reconstruction.
 
     Returns the details `big`, `agq`, `num_quantizers` and `calib_images`. CAR-SAM starts from here too.
-    Inside a run with the stage cache on (`carsam.prepared_cache`), a preparation already done with the
-    same model, `config.quant`, `recon.agq_encoder`, calibration set, code and RNG state is restored
-    from disk instead (bit-identical).
+    With the run's prepared-model store (`context.prepared`, `carsam.cache.prepared`), a preparation
+    already done with the same model, `config.quant`, `recon.agq_encoder`, calibration set, code and RNG
+    state is restored from disk instead (bit-identical).
     """
-    store = active_prepared_store()
+    store = context.prepared
     if store is None:
-        return _prepare(sam, calib, config)
+        return _prepare(sam, calib, config, context.embeddings)
     fields = {"quant": dataclasses.asdict(config.quant), "agq_encoder": config.recon.agq_encoder}
-    details, _ = store.prepare(sam, calib, "ptq4sam", fields, lambda: _prepare(sam, calib, config),
+    details, _ = store.prepare(sam, calib, "ptq4sam", fields, lambda: _prepare(sam, calib, config, context.embeddings),
                                lambda details: rebuild_prepared_(sam, config, details))
     return details
 
 
-def apply_ptq4sam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+def apply_ptq4sam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
     """PTQ4SAM: BIG and AGQ on the FP-mode quantized model, calibration, then QDrop reconstruction."""
-    details = prepare_ptq4sam_(sam, calib, config)
-    details["recon"] = reconstruct_model_(sam, calib, config.recon, qdrop_recipe(config))
+    details = prepare_ptq4sam_(sam, calib, config, context)
+    details["recon"] = reconstruct_model_(sam, calib, config.recon, qdrop_recipe(config), context=context)
     return details
 
 
 register(Method("ptq4sam", apply_ptq4sam,
                 summary="PTQ4SAM: QDrop reconstruction + bimodal sign folding + log softmax quantizer (AGQ)"))
 
-__all__ = ["adopt_log_softmax_", "apply_ptq4sam", "collect_keys", "fp_calibration_pass", "integrate_bimodal_keys_",
+__all__ = ["adopt_log_softmax_", "adopt_searched_taus_", "apply_ptq4sam", "collect_fp_statistics",
+           "fold_bimodal_keys_", "fp_calibration_pass", "integrate_bimodal_keys_",
            "prepare_ptq4sam_", "rebuild_prepared_", "softmax_attentions", "token_to_image_attentions"]

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from carsam.config import RunConfig
     from carsam.data.coco import CocoBoxPrompts
+    from carsam.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def act_percentiles(sam: Sam) -> list[float]:
                    if not is_weight_quantizer(q) and isinstance(q.observer, PercentileObserver)})
 
 
-def quantize_and_calibrate(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, w_observer: str,
+def quantize_and_calibrate(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext, w_observer: str,
                            a_observer: str, percentile: float | None = None) -> dict[str, Any]:
     """Quantize `sam` per `config.quant` with the given observers, calibrate it on `calib`, and return
     the details: observers named and counted, the percentile when used, quantizer and image counts."""
@@ -108,7 +109,7 @@ def quantize_and_calibrate(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, w
         set_act_percentile_(sam, percentile)
     used = observers_used(sam)  # read before calibration: observers keep their type, only their data resets
     percentiles = act_percentiles(sam)
-    calibrate_(sam, calib)
+    calibrate_(sam, calib, source=context.embeddings)
     details: dict[str, Any] = {"w_observer": w_observer, "a_observer": a_observer, "observers_used": used,
                                "num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib)}
     if percentiles:
@@ -116,14 +117,14 @@ def quantize_and_calibrate(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, w
     return details
 
 
-def apply_omse(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+def apply_omse(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
     """OMSE: MSE-searched ranges for weights (per channel) and activations (per tensor)."""
-    return quantize_and_calibrate(sam, calib, config, w_observer="mse", a_observer="mse")
+    return quantize_and_calibrate(sam, calib, config, context, w_observer="mse", a_observer="mse")
 
 
-def apply_percentile(sam: Sam, calib: CocoBoxPrompts, config: RunConfig) -> dict[str, Any]:
+def apply_percentile(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
     """Percentile: MSE-searched per-channel weights, activations clipped at `ACT_PERCENTILE`."""
-    return quantize_and_calibrate(sam, calib, config, w_observer="mse", a_observer="percentile",
+    return quantize_and_calibrate(sam, calib, config, context, w_observer="mse", a_observer="percentile",
                                   percentile=ACT_PERCENTILE)
 
 

@@ -1,9 +1,11 @@
 """The method registry: every PTQ method is a plug-in looked up by name.
 
-A method's `apply(sam, calib, config)` quantizes `sam` in place using the calibration set and returns
-the details worth recording (its settings, counts, per-unit losses). `quantized` says whether the
+A method's `apply(sam, calib, config, context)` quantizes `sam` in place using the calibration set and
+returns the details worth recording (its settings, counts, per-unit losses). `quantized` says whether the
 evaluated model must have every quantizer in QUANTIZED mode (asserted before evaluation);
 `uses_model` is False only for the box-as-mask floor, which scores the prompt boxes themselves.
+`context` (`carsam.run_context.RunContext`) carries what the run lends the method: the stage-cache stores
+(image embeddings, prepared models) and whether to show progress; a method gets no other state.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ if TYPE_CHECKING:
 
     from carsam.config import RunConfig
     from carsam.data.coco import CocoBoxPrompts
+    from carsam.run_context import RunContext
 
-ApplyFn = Callable[["Sam", "CocoBoxPrompts", "RunConfig"], dict[str, Any]]
+ApplyFn = Callable[["Sam", "CocoBoxPrompts", "RunConfig", "RunContext"], dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,4 +62,4 @@ def method_names() -> tuple[str, ...]:
 
 def _load_builtin() -> None:
     """Import the built-in methods (each registers itself) the first time the registry is read."""
-    from carsam.methods import baselines, carsam, ptq4sam, range_search, reconstruction  # noqa: F401
+    from carsam.methods import baselines, carsam, ptq4sam, qdrop, range_search  # noqa: F401

@@ -1,6 +1,6 @@
 """`quantize_(sam, QuantConfig)`: swap quantized modules into a SAM, in place.
 
-What gets quantized (the published PTQ4SAM protocol, see METHODS.md):
+What gets quantized (the published PTQ4SAM protocol, see docs/methods.md):
 - in `image_encoder`: every block's attention (twin: `qkv`, `proj`, both MatMuls), its MLP Linears,
   and the neck's two Conv2d (`QuantConv2d`: the protocol's FP list does not name the neck and
   PTQ4SAM's code quantizes both neck convs; keep it FP with `("image_encoder.neck", {"enabled": False})`);

@@ -5,8 +5,8 @@ reconstruction targets, MAC's FP scores, interference and attention diagnostics.
 model while the float weights are the original ones. Methods that change them in place first call
 `remember_fp_(module, "weight")`: the original value is kept as a non-persistent buffer
 `<name>_fp_reference` of the owning module (so it follows `.to(device)` and `copy.deepcopy`, and stays
-out of `state_dict`). `fp_weights(model)` swaps the originals in for the duration of a block;
-`carsam.recon.cache.quant_modes_set(model, QuantMode.FP)` does so, so every FP pass sees the FP model.
+out of `state_dict`). `carsam.quant.state.fp_weights(model)` swaps the originals in for the duration of a block;
+`carsam.quant.state.quant_modes_set(model, QuantMode.FP)` does so, so every FP pass sees the FP model.
 """
 
 from __future__ import annotations
@@ -35,20 +35,4 @@ def fp_references(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, n) for m in model.modules() for n, _ in m.named_parameters(recurse=False) if hasattr(m, n + SUFFIX)]
 
 
-@contextlib.contextmanager
-def fp_weights(model: nn.Module) -> Iterator[None]:
-    """Inside the block, every Parameter of `model` with an FP reference holds its original value (the same
-    Parameter objects, their `.data` swapped); the current values are put back on exit."""
-    swapped = []
-    try:
-        for module, name in fp_references(model):
-            param = getattr(module, name)
-            swapped.append((param, param.data))
-            param.data = getattr(module, name + SUFFIX)
-        yield
-    finally:
-        for param, data in swapped:
-            param.data = data
-
-
-__all__ = ["fp_references", "fp_weights", "remember_fp_"]
+__all__ = ["fp_references", "remember_fp_"]

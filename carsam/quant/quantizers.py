@@ -11,7 +11,7 @@ QDrop (Wei et al. 2022): with `quant_prob < 1`, a QUANTIZED quantizer in trainin
 element's quantized value with probability `quant_prob` and its FP value otherwise (PTQ4SAM's "drop
 probability", 1.0 = always quantized). In eval mode, or at `quant_prob == 1`, the output is the
 deterministic quantized value. `assert_eval_ready` makes the PTQ4SAM evaluation bug (`quant_prob`
-left below 1 on some quantizers, see METHODS.md) impossible to miss.
+left below 1 on some quantizers, see docs/methods.md) impossible to miss.
 """
 
 from __future__ import annotations
@@ -234,68 +234,3 @@ def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, QuantizerBase]]:
     for path, module in model.named_modules():
         if isinstance(module, QuantizerBase):
             yield path, module
-
-
-def set_quant_mode(model: nn.Module, mode: QuantMode | str) -> None:
-    """Put every quantizer of `model` in `mode`.
-
-    Switching to QUANTIZED first finalizes the calibration of every quantizer with pending statistics
-    (`has_pending_calibration`: activations observed in CALIBRATE mode, weights fed by `calibrate_weight`).
-    """
-    mode = QuantMode(mode)
-    finalized = 0
-    for path, quantizer in iter_quantizers(model):
-        quantizer.path = path
-        if mode is QuantMode.QUANTIZED and quantizer.has_pending_calibration:
-            quantizer.finalize_calibration()
-            finalized += 1
-        quantizer.mode = mode
-    logger.debug("quant mode -> %s (%d quantizers finalized)", mode.value, finalized)
-
-
-def quant_modes(model: nn.Module) -> dict[str, QuantMode]:
-    """The mode of every quantizer, by module path."""
-    return {path: quantizer.mode for path, quantizer in iter_quantizers(model)}
-
-
-def assert_quant_mode(model: nn.Module, mode: QuantMode | str) -> None:
-    """Raise `AssertionError` listing the quantizers of `model` that are not in `mode`."""
-    mode = QuantMode(mode)
-    offending = {path: m.value for path, m in quant_modes(model).items() if m is not mode}
-    if offending:
-        raise AssertionError(f"{len(offending)} quantizer(s) not in mode '{mode.value}': {offending}")
-
-
-def _weight_quantizer_ids(model: nn.Module) -> set[int]:
-    """Ids of the quantizers held as `weight_quantizer` by a weight layer (QuantLinear, QuantConv2d)."""
-    return {id(q) for m in model.modules() if isinstance(q := getattr(m, "weight_quantizer", None), nn.Module)}
-
-
-def set_quant_prob(model: nn.Module, p: float, *, weights: bool = False) -> None:
-    """Set QDrop's `quant_prob` to `p` on the quantizers of `model`.
-
-    `p < 1` goes to the activation quantizers only (QDrop drops activations; weights are rounded by
-    AdaRound), unless `weights=True`. `p == 1` resets every quantizer, weights included, so one call
-    undoes any earlier setting (the PTQ4SAM evaluation bug reset only some of them).
-    """
-    if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"quant_prob must be in [0, 1], got {p}")
-    skip = set() if weights or p == 1.0 else _weight_quantizer_ids(model)
-    count = 0
-    for _, quantizer in iter_quantizers(model):
-        if id(quantizer) not in skip:
-            quantizer.quant_prob = p
-            count += 1
-    logger.debug("quant_prob -> %s on %d quantizers", p, count)
-
-
-def assert_eval_ready(model: nn.Module) -> None:
-    """Raise `AssertionError` listing every quantizer of `model` not ready for evaluation.
-
-    Ready: mode QUANTIZED, `quant_prob == 1.0`, calibrated, and (AdaRound) hard rounding. A model
-    without quantizers passes.
-    """
-    offending = {path: problems for path, q in iter_quantizers(model) if (problems := q.eval_problems())}
-    if offending:
-        listed = "; ".join(f"'{path}': {', '.join(problems)}" for path, problems in offending.items())
-        raise AssertionError(f"{len(offending)} quantizer(s) not ready for evaluation: {listed}")

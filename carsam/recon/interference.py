@@ -14,7 +14,7 @@ whatever `quant_prob` is) under no_grad; its train/eval flag and quantizer modes
 
 Recorded after each reconstruction unit (`reconstruct_model_(..., track_interference=True)`), these
 show whether optimising one branch (e.g. the token stream) raises the error of the other one or of
-boundaries reconstructed earlier: the oscillation diagnostic of METHODS.md.
+boundaries reconstructed earlier: the oscillation diagnostic of docs/methods.md.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from carsam.eval.inference import SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, run_image
 from carsam.models.quantize import DECODER_SCOPE
 from carsam.quant.quantizers import QuantMode
-from carsam.recon.cache import quant_modes_set, run_image
+from carsam.quant.state import eval_no_grad, quant_modes_set
 from carsam.recon.spans import PROLOGUE, DecoderState, step_names, trace, transformer_inputs
 
 if TYPE_CHECKING:
@@ -43,20 +43,8 @@ FP_TRACE_BYTES = 1 << 30  # FP traces kept across the entries of one reconstruct
 TransformerInputs = tuple[Tensor, Tensor, Tensor]
 
 
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad inside the block; the train/eval flag restored after."""
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def transformer_calls(sam: nn.Module, calib: CocoBoxPrompts, image_id: int,
-                      mode: QuantMode | None) -> list[TransformerInputs]:
+def transformer_calls(sam: nn.Module, calib: CocoBoxPrompts, image_id: int, mode: QuantMode | None,
+                      source: EmbeddingSource | None = None) -> list[TransformerInputs]:
     """The decoder transformer's inputs, call by call (box chunks), for one image with quantizers in `mode`.
 
     Each call: image_embedding, image_pe `(B, C, H, W)`, point_embedding `(B, Nq, C)`, detached, on the
@@ -70,7 +58,7 @@ def transformer_calls(sam: nn.Module, calib: CocoBoxPrompts, image_id: int,
     handle = sam.get_submodule(DECODER_SCOPE).register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with quant_modes_set(sam, mode):
-            run_image(SamBoxPredictor(sam), calib, image_id, encoder_only=False)
+            run_image(SamBoxPredictor(sam, source=source), calib, image_id)
     finally:
         handle.remove()
     return calls
@@ -139,13 +127,13 @@ class FpTraces:
         self.budget_bytes, self.nbytes = budget_bytes, 0
         self.kept: dict[int, list[list[tuple[str, DecoderState]]]] = {}
 
-    def states(self, sam: nn.Module, calib: CocoBoxPrompts,
-               image_id: int) -> list[Iterable[tuple[str, DecoderState]]]:
+    def states(self, sam: nn.Module, calib: CocoBoxPrompts, image_id: int,
+               source: EmbeddingSource | None = None) -> list[Iterable[tuple[str, DecoderState]]]:
         """Per transformer call of the image, its FP trace: kept, newly kept, or lazy."""
         if image_id in self.kept:
             return self.kept[image_id]  # type: ignore[return-value]
         transformer = sam.get_submodule(DECODER_SCOPE)
-        calls = transformer_calls(sam, calib, image_id, QuantMode.FP)
+        calls = transformer_calls(sam, calib, image_id, QuantMode.FP, source)
         size = sum(trace_nbytes(transformer, inputs) for inputs in calls)
         if self.nbytes + size > self.budget_bytes:
             return [fp_trace(transformer, inputs) for inputs in calls]
@@ -154,11 +142,11 @@ class FpTraces:
         return self.kept[image_id]  # type: ignore[return-value]
 
 
-def _image_errors(sam: nn.Module, calib: CocoBoxPrompts, image_id: int,
-                  fp_traces: FpTraces) -> dict[str, dict[str, float]]:
+def _image_errors(sam: nn.Module, calib: CocoBoxPrompts, image_id: int, fp_traces: FpTraces,
+                  source: EmbeddingSource | None) -> dict[str, dict[str, float]]:
     """One image's per-step, per-stream MSE (over all its box chunks)."""
-    fp_states = fp_traces.states(sam, calib, image_id)
-    q_calls = transformer_calls(sam, calib, image_id, None)
+    fp_states = fp_traces.states(sam, calib, image_id, source)
+    q_calls = transformer_calls(sam, calib, image_id, None, source)
     transformer = sam.get_submodule(DECODER_SCOPE)
     totals: dict[str, dict[str, list[float]]] = {}
     for states, q_inputs in zip(fp_states, q_calls, strict=True):
@@ -170,13 +158,14 @@ def _image_errors(sam: nn.Module, calib: CocoBoxPrompts, image_id: int,
 
 
 def boundary_errors(sam: nn.Module, calib: CocoBoxPrompts, max_images: int = 4,
-                    fp_traces: FpTraces | None = None) -> dict[str, dict[str, float]]:
+                    fp_traces: FpTraces | None = None, source: EmbeddingSource | None = None
+                    ) -> dict[str, dict[str, float]]:
     """`{step name: {"queries": mse, "keys": mse}}` of the quantized model against the FP model.
 
     One entry per decoder step (`carsam.recon.spans.step_names`, in call order), the error after that
     step, averaged over the first `max_images` calibration images with prompt boxes (module docstring).
     fp_traces: FP traces kept from an earlier call on the same model and images (None: traced afresh,
-    one state at a time).
+    one state at a time). source: where the passes get image embeddings (None: encode).
     """
     if max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
@@ -184,8 +173,8 @@ def boundary_errors(sam: nn.Module, calib: CocoBoxPrompts, max_images: int = 4,
     if not image_ids:
         raise ValueError("no calibration image has a prompt box")
     fp_traces = FpTraces(0) if fp_traces is None else fp_traces
-    with _eval_no_grad(sam):
-        per_image = [_image_errors(sam, calib, image_id, fp_traces) for image_id in image_ids]
+    with eval_no_grad(sam):
+        per_image = [_image_errors(sam, calib, image_id, fp_traces, source) for image_id in image_ids]
     return {step: {name: sum(img[step][name] for img in per_image) / len(per_image) for name in STREAMS}
             for step in per_image[0]}
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from carsam.quant.adaround import AdaRoundQuantizer
 
 if TYPE_CHECKING:
-    from carsam.recon.cache import UnitCache
+    from carsam.recon.block_io import UnitCache
 
 
 REDUCTIONS = ("mean", "qdrop")

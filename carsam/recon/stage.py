@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.quantizers import UniformQuantizer
-from carsam.recon.cache import UnitCache, UnitSample
+from carsam.recon.block_io import UnitCache, UnitSample
 from carsam.recon.losses import rounding_regularizer, stream_losses, weighted_sum
 from carsam.recon.schedules import RoundingSchedule, cosine_factor
 from carsam.recon.units import ReconUnit

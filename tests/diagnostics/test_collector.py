@@ -14,9 +14,10 @@ from carsam.diagnostics.collector import (ENCODER_ATTN, IMAGE_TO_TOKEN, SELF_ATT
                                           collect_attention_stats, match_prompts, prompt_mask_tokens)
 from carsam.methods.calibrate import calibrate_
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.models.sam import build_testbed_from_checkpoint
-from carsam.quant.quantizers import QuantMode, quant_modes
-from carsam.recon.cache import quant_modes_set
+from carsam.testbed.spec import build_testbed_from_checkpoint
+from carsam.quant.quantizers import QuantMode
+from carsam.quant.state import quant_modes
+from carsam.quant.state import quant_modes_set
 
 BOTH = ("decoder", "encoder")
 

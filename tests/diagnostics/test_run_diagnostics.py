@@ -15,7 +15,7 @@ from carsam import pipeline
 from carsam.config import resolve
 from carsam.diagnostics import run as run_diagnostics
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, read_diagnostics, summary_metrics
-from carsam.runs import RECORD_FILE
+from carsam.record import RECORD_FILE
 from tests.conftest import experiment, real_data_overrides
 
 

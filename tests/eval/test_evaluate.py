@@ -13,7 +13,7 @@ from carsam.data.coco import CocoBoxPrompts
 from carsam.data.synthetic import SyntheticSpec, generate_split
 from carsam.eval.evaluate import EvalResult, box_as_mask_floor, boxes_to_masks, evaluate
 from carsam.eval.inference import SamBoxPredictor
-from carsam.models.sam import build_testbed_sam
+from carsam.testbed.spec import build_testbed_sam
 
 METRIC_KEYS = {"eval/mAP", "eval/mAP50", "eval/mIoU"}
 
@@ -78,14 +78,15 @@ def test_evaluate_runs_end_to_end_with_metrics_in_unit_range(sam, detector_set):
     assert result.num_gt == sum(len(detector_set.ground_truth(i)[0]) for i in first_two)
 
 
-def test_evaluate_encodes_each_image_once_through_embed_fn(sam, detector_set):
-    predictor, calls = SamBoxPredictor(sam), []
+def test_evaluate_encodes_each_image_once_through_its_source(sam, detector_set):
+    calls = []
 
-    def cached_embed(image_id, image):
-        calls.append(image_id)
-        return predictor.embed(image)
+    class CountingSource:
+        def embed(self, predictor, dataset, image_id):
+            calls.append(image_id)
+            return predictor.embed(dataset.load_image(image_id))
 
-    with_hook = evaluate(sam, detector_set, max_images=2, embed_fn=cached_embed)
+    with_hook = evaluate(sam, detector_set, max_images=2, source=CountingSource())
     assert calls == detector_set.image_ids[:2]
     assert with_hook.metrics == pytest.approx(evaluate(sam, detector_set, max_images=2).metrics)
 

@@ -8,7 +8,7 @@ import torch
 from segment_anything import SamPredictor
 
 from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
-from carsam.models.sam import build_testbed_sam
+from carsam.testbed.spec import build_testbed_sam
 
 H, W = 96, 150  # non-square: the long side is resized to 128 and the short side padded
 

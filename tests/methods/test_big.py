@@ -16,7 +16,8 @@ from carsam.methods.big import (
     is_bimodal,
 )
 from carsam.models.adapters import QuantDecoderAttention
-from carsam.quant.quantizers import QuantMode, UniformQuantizer, set_quant_mode
+from carsam.quant.quantizers import QuantMode, UniformQuantizer
+from carsam.quant.state import set_quant_mode
 
 
 def _gen(seed: int) -> torch.Generator:

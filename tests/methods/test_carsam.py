@@ -7,8 +7,8 @@ import torch
 from carsam.config import JcarConfig, MacConfig, ReconConfig, RunConfig
 from carsam.methods.registry import get_method
 from carsam.models.quantize import QuantConfig
-from carsam.models.sam import build_testbed_from_checkpoint
-from carsam.quant.quantizers import assert_eval_ready
+from carsam.testbed.spec import build_testbed_from_checkpoint
+from carsam.quant.state import assert_eval_ready
 
 FAST = ReconConfig(iters=5, track_interference=False)
 DECODER_ONLY = QuantConfig(quantize_encoder=False)

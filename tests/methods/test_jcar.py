@@ -7,7 +7,7 @@ import torch
 
 from carsam.config import JcarConfig
 from carsam.methods.jcar import jcar_settings, jcar_stream_weights
-from carsam.recon.cache import UnitCache, UnitSample
+from carsam.recon.block_io import UnitCache, UnitSample
 from carsam.recon.losses import pooled_variance, stream_target_variance
 from carsam.recon.stage import ReconSettings
 from carsam.recon.units import BLOCK_STREAMS, ReconUnit

@@ -16,12 +16,13 @@ from carsam.config import MacConfig, RunConfig
 from carsam.quant.fp_reference import fp_references
 from carsam.methods.mac import apply_mac_, attention_errors, correct_attention_, mac_attentions
 from carsam.methods.mac_math import MacError, score_error_terms, solve_ridge
-from carsam.methods.reconstruction import quantize_calibrate_
+from carsam.recon.driver import quantize_calibrate_
 from carsam.models.adapters import KEY_QUANTIZER, QUERY_QUANTIZER, QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.models.sam import build_testbed_from_checkpoint
-from carsam.quant.quantizers import QuantizerBase, QuantMode, UniformQuantizer, set_quant_mode
-from carsam.recon.cache import quant_modes_set
+from carsam.testbed.spec import build_testbed_from_checkpoint
+from carsam.quant.quantizers import QuantizerBase, QuantMode, UniformQuantizer
+from carsam.quant.state import set_quant_mode
+from carsam.quant.state import quant_modes_set
 
 E, HEADS = 16, 2  # decoder twins: internal dim 8 (downsample 2), head dim 4
 

@@ -9,18 +9,19 @@ from segment_anything.modeling import Sam
 from carsam.config import ConfigError, ReconConfig, RunConfig, resolve
 from carsam.methods.big import fold_signs_
 from carsam.methods.ptq4sam import fp_calibration_pass, integrate_bimodal_keys_, token_to_image_attentions
-from carsam.methods.reconstruction import UnitRecipe, quantize_calibrate_, reconstruct_model_, subsample
+from carsam.recon.driver import UnitRecipe, quantize_calibrate_, reconstruct_model_, subsample
 from carsam.methods.registry import get_method
 from carsam.models.adapters import QuantDecoderAttention
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.models.sam import build_testbed_from_checkpoint
+from carsam.testbed.spec import build_testbed_from_checkpoint
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.logquant import TAUS, LogQuantizer
-from carsam.quant.quantizers import QuantMode, assert_eval_ready, iter_quantizers
-from carsam.recon.cache import build_unit_cache
+from carsam.quant.quantizers import QuantMode, iter_quantizers
+from carsam.quant.state import assert_eval_ready
+from carsam.recon.block_io import build_unit_cache
 from carsam.recon.units import find_units
 from tests.conftest import experiment
-from carsam.recon.cache import cached_unit_loss
+from carsam.recon.block_io import cached_unit_loss
 
 FAST = ReconConfig(iters=10, track_interference=False)  # interference: tests/recon/test_interference.py
 

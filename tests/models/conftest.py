@@ -8,7 +8,7 @@ import pytest
 import torch
 from segment_anything.modeling import Sam
 
-from carsam.models.sam import build_testbed_sam
+from carsam.testbed.spec import build_testbed_sam
 
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

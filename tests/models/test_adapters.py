@@ -8,7 +8,8 @@ from torch import nn
 
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.quant.modules import QuantLinear, QuantMatMul
-from carsam.quant.quantizers import UniformQuantizer, iter_quantizers, set_quant_mode
+from carsam.quant.quantizers import UniformQuantizer, iter_quantizers
+from carsam.quant.state import set_quant_mode
 
 
 def _weight_q(_: str) -> UniformQuantizer:

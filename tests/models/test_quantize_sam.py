@@ -15,7 +15,8 @@ from torch import nn
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import FP_MODULES, QuantConfig, calibrate_weights_, quantize_
 from carsam.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
-from carsam.quant.quantizers import QuantMode, UniformQuantizer, assert_quant_mode, iter_quantizers, set_quant_mode
+from carsam.quant.quantizers import QuantMode, UniformQuantizer, iter_quantizers
+from carsam.quant.state import assert_quant_mode, set_quant_mode
 
 Forward = Callable[[Sam, torch.Tensor], tuple[torch.Tensor, ...]]
 MINMAX = {"w_observer": "minmax"}  # the MSE weight search is tested in tests/quant; keep these fast

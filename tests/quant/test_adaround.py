@@ -15,7 +15,8 @@ from carsam.quant.adaround import (
     set_soft_rounding,
 )
 from carsam.quant.modules import QuantConv2d, QuantLinear
-from carsam.quant.quantizers import QuantMode, UniformQuantizer, iter_quantizers, set_quant_mode
+from carsam.quant.quantizers import QuantMode, UniformQuantizer, iter_quantizers
+from carsam.quant.state import set_quant_mode
 
 
 def _calibrated_linear(observer: str = "mse", seed: int = 0) -> QuantLinear:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from carsam.quant.logquant import LogQuantizer, log_fake_quantize, log_levels, search_tau
-from carsam.quant.quantizers import QuantMode, iter_quantizers, quant_modes, set_quant_mode
+from carsam.quant.quantizers import QuantMode, iter_quantizers
+from carsam.quant.state import quant_modes, set_quant_mode
 
 
 def _probs(seed: int = 0, rows: int = 16, keys: int = 64) -> torch.Tensor:

@@ -9,7 +9,8 @@ from torch import nn
 from carsam.quant.adaround import enable_adaround_
 from carsam.quant.logquant import LogQuantizer
 from carsam.quant.modules import QuantLinear
-from carsam.quant.quantizers import QuantMode, UniformQuantizer, assert_eval_ready, set_quant_mode, set_quant_prob
+from carsam.quant.quantizers import QuantMode, UniformQuantizer
+from carsam.quant.state import assert_eval_ready, set_quant_mode, set_quant_prob
 
 
 def _x(seed: int = 0) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from carsam.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
-from carsam.quant.quantizers import QuantMode, UniformQuantizer, set_quant_mode
+from carsam.quant.quantizers import QuantMode, UniformQuantizer
+from carsam.quant.state import set_quant_mode
 
 
 def _linear() -> nn.Linear:

@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 from carsam.quant.primitives import fake_quantize
-from carsam.quant.quantizers import (
-    QuantMode,
-    UniformQuantizer,
-    assert_quant_mode,
-    iter_quantizers,
-    quant_modes,
-    set_quant_mode,
-)
+from carsam.quant.quantizers import QuantMode, UniformQuantizer, iter_quantizers
+from carsam.quant.state import assert_quant_mode, quant_modes, set_quant_mode
 
 
 def _x(seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from segment_anything.modeling import Sam
 
 from carsam.methods.calibrate import calibrate_
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.models.sam import build_testbed_from_checkpoint
+from carsam.testbed.spec import build_testbed_from_checkpoint
 
 
 @pytest.fixture(scope="module")

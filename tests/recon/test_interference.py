@@ -7,9 +7,10 @@ import torch
 
 from carsam.config import JcarConfig, ReconConfig
 from carsam.methods.jcar import jcar_settings_for
-from carsam.methods.reconstruction import UnitRecipe, recon_settings, reconstruct_model_
-from carsam.quant.quantizers import QuantMode, quant_modes
-from carsam.recon.cache import quant_modes_set
+from carsam.recon.driver import UnitRecipe, recon_settings, reconstruct_model_
+from carsam.quant.quantizers import QuantMode
+from carsam.quant.state import quant_modes
+from carsam.quant.state import quant_modes_set
 from carsam.quant.fp_reference import SUFFIX, remember_fp_
 from carsam.recon.interference import FpTraces, boundary_errors, paired_errors
 from carsam.recon.spans import step_names

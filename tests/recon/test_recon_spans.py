@@ -10,18 +10,20 @@ from torch import nn
 
 from carsam.config import JcarConfig, ReconConfig, RunConfig
 from carsam.methods.jcar import jcar_settings_for
-from carsam.methods.reconstruction import (UnitRecipe, prepare_unit_, quantize_calibrate_, recon_settings,
+from carsam.recon.driver import (UnitRecipe, prepare_unit_, quantize_calibrate_, recon_settings,
                                            reconstruct_model_, roundable_layers)
 from carsam.models.quantize import QuantConfig
-from carsam.models.sam import build_testbed_from_checkpoint, build_testbed_sam
+from carsam.testbed.spec import build_testbed_from_checkpoint, build_testbed_sam
 from carsam.quant.adaround import AdaRoundQuantizer
-from carsam.quant.quantizers import QuantMode, quant_modes
-from carsam.recon.cache import build_unit_cache, quant_modes_set
+from carsam.quant.quantizers import QuantMode
+from carsam.quant.state import quant_modes
+from carsam.recon.block_io import build_unit_cache
+from carsam.quant.state import quant_modes_set
 from carsam.recon.spans import (DecoderSpan, decoder_steps, prologue, run_from, run_steps, span_states,
                                 step_names)
 from carsam.recon.units import DECODER_ATTENTION, find_units
 from tests.conftest import rerun_fp
-from carsam.recon.cache import cached_unit_loss
+from carsam.recon.block_io import cached_unit_loss
 
 T = "mask_decoder.transformer"
 PAIR = ["decoder.layers.0.self_attn", "decoder.layers.0.pair", "decoder.layers.1.self_attn", "decoder.layers.1.pair",

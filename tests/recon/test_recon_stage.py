@@ -9,11 +9,12 @@ import torch
 
 from carsam.quant.adaround import enable_adaround_, set_soft_rounding
 from carsam.quant.modules import quantized_weight_modules
-from carsam.quant.quantizers import QuantMode, UniformQuantizer, set_quant_prob
-from carsam.recon.cache import build_unit_cache
+from carsam.quant.quantizers import QuantMode, UniformQuantizer
+from carsam.quant.state import set_quant_prob
+from carsam.recon.block_io import build_unit_cache
 from carsam.recon.stage import ReconSettings, ReconstructionStage, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
-from carsam.recon.cache import cached_unit_loss
+from carsam.recon.block_io import cached_unit_loss
 
 
 def _weights_only(module) -> None:

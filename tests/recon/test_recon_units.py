@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carsam.models.sam import build_testbed_sam
+from carsam.testbed.spec import build_testbed_sam
 from carsam.recon.units import GROUPINGS, find_units
 
 T = "mask_decoder.transformer"

@@ -1,4 +1,4 @@
-"""Fake run folders for the report tests: records written with `carsam.runs.write_record`, diagnostics
+"""Fake run folders for the report tests: records written with `carsam.record.write_record`, diagnostics
 with `carsam.diagnostics.writer.write_diagnostics`, from hand-made numbers."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pandas as pd
 
 from carsam.diagnostics.oscillation import oscillation_frame
 from carsam.diagnostics.writer import write_diagnostics
-from carsam.runs import RunRecord, write_record
+from carsam.record import RunRecord, write_record
 
 BASE_CONFIG: dict[str, Any] = {
     "seed": 0, "data": {"synthetic_seed": 0, "prompt_source": "detector"},

@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from carsam.report_attention import dissipation_table, oscillation_table
+from carsam.report.attention import dissipation_table, oscillation_table
 
 
 def _attention_rows(entropy_q: float, mask_q: float) -> list[dict]:

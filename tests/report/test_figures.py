@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from carsam.diagnostics.writer import read_diagnostics
-from carsam.report_figures import layer_profile, recon_curves, write_figures
+from carsam.report.figures import layer_profile, recon_curves, write_figures
 
 from .conftest import add_diagnostics, make_run, metrics
 

@@ -8,11 +8,11 @@ import math
 import pandas as pd
 import pytest
 
-from carsam.report import (ablation_tables, latest_runs, long_table, runs_summary, runs_table, superseded_runs,
+from carsam.report.tables import (ablation_tables, latest_runs, long_table, runs_summary, runs_table, superseded_runs,
                            write_report)
-from carsam.report_format import best_flags, cell_text, latex_escape, to_latex, to_markdown
-from carsam.report_records import JCAR_DEFAULTS, MAC_DEFAULTS, TIME_METRIC, incomplete_runs
-from carsam.runs import list_records
+from carsam.report.format import best_flags, cell_text, latex_escape, to_latex, to_markdown
+from carsam.report.records import JCAR_DEFAULTS, MAC_DEFAULTS, TIME_METRIC, incomplete_runs
+from carsam.record import list_records
 
 from .conftest import make_run, metrics
 

@@ -11,8 +11,8 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from carsam.runs import list_records
-from carsam.sweep import run_sweep
+from carsam.record import list_records
+from carsam.sweep.runner import run_sweep
 from tests.sweep.conftest import states, sweep_command, sweep_env, wait_for, write_space, write_tpe_space
 
 pytestmark = pytest.mark.slow

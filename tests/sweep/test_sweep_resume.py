@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from carsam.runs import list_records
-from carsam.sweep import run_sweep, trials_table
+from carsam.record import list_records
+from carsam.sweep.runner import run_sweep, trials_table
 from tests.conftest import experiment, real_data_overrides
 
 SPACE = '''

@@ -12,10 +12,10 @@ from optuna.trial import TrialState, create_trial
 
 from carsam import cli
 from carsam.config import ConfigError
-from carsam.runs import list_records
-from carsam.sweep import best_trials, enqueue_missing, fail_stale, planned_trials, run_sweep, trials_table
-from carsam.sweep_space import load_space
-from carsam.sweep_storage import (HEARTBEAT_ATTR, HeartbeatJournalStorage, default_storage, heartbeat_interval,
+from carsam.record import list_records
+from carsam.sweep.runner import best_trials, enqueue_missing, fail_stale, planned_trials, run_sweep, trials_table
+from carsam.sweep.space import load_space
+from carsam.sweep.storage import (HEARTBEAT_ATTR, HeartbeatJournalStorage, default_storage, heartbeat_interval,
                                   journal_path, open_storage)
 from tests.conftest import REPO
 from tests.sweep.conftest import states, write_space
@@ -227,6 +227,6 @@ def test_every_shipped_space_suggests_a_valid_config(path):
 
 
 def test_workers_share_the_cores_evenly_and_never_get_zero_threads():
-    from carsam.sweep import worker_threads
+    from carsam.sweep.runner import worker_threads
 
     assert [worker_threads(k, cpus=16) for k in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]

@@ -1,0 +1,110 @@
+"""Search-space files: a small Python module per study (see `carsam.sweep.runner`).
+
+A space file defines
+- `EXPERIMENT`: the experiment YAML the trials start from (absolute, or relative to the space file);
+- `suggest(trial) -> list[str]`: the `key=value` overrides of one trial;
+- optionally `GRID: dict[str, list]`: a full grid, run point by point in its declared order (each
+  point is queued as a fixed trial, so a rerun queues exactly the points not yet completed, failed
+  ones included; Optuna's GridSampler counts failed points as visited, which would lose them);
+- optionally `DIRECTION` ("maximize", the default, applies to `eval/mAP`), or `OBJECTIVES`, a sequence
+  of `(name, direction)` pairs for a multi-objective study, e.g.
+  `(("eval/mAP", "maximize"), ("bits", "minimize"))`. A name is a metric of the run record
+  (`record.metrics`) or `bits`: the mean of the record's weight and activation bit-widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import optuna
+
+from carsam.config import ConfigError
+
+OBJECTIVE = "eval/mAP"
+BITS = "bits"
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A loaded space file."""
+
+    name: str
+    experiment: Path
+    module: ModuleType
+
+    def overrides(self, trial: optuna.Trial) -> list[str]:
+        return list(self.module.suggest(trial))
+
+    @property
+    def grid(self) -> list[dict[str, Any]]:
+        """Every point of the space's GRID (empty without one), in declared order."""
+        grid = getattr(self.module, "GRID", None) or {}
+        if not grid:
+            return []
+        keys = list(grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(seed=seed)  # grid points arrive as queued fixed trials
+
+    @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """`(name, direction)` per objective: OBJECTIVES, else `eval/mAP` in DIRECTION."""
+        declared = getattr(self.module, "OBJECTIVES", None)
+        if declared is None:
+            return ((OBJECTIVE, getattr(self.module, "DIRECTION", "maximize")),)
+        return tuple((str(name), str(direction)) for name, direction in declared)
+
+    @property
+    def directions(self) -> list[str]:
+        return [direction for _, direction in self.objectives]
+
+
+def objective_value(name: str, record: Any) -> float:
+    """The value of objective `name` for a run record: `bits` or one of its metrics."""
+    if name == BITS:
+        return (record.w_bits + record.a_bits) / 2
+    if name not in record.metrics:
+        raise KeyError(f"objective '{name}' is not a metric of run {record.run_id} "
+                       f"(metrics: {', '.join(sorted(record.metrics))})")
+    return float(record.metrics[name])
+
+
+def _check_objectives(space: SearchSpace, path: Path) -> None:
+    try:
+        objectives = space.objectives
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"search space {path}: OBJECTIVES must be (name, direction) pairs ({err})") from err
+    if not objectives:
+        raise ConfigError(f"search space {path}: OBJECTIVES is empty")
+    for name, direction in objectives:
+        if direction not in DIRECTIONS:
+            raise ConfigError(f"search space {path}: objective '{name}' has direction '{direction}'; "
+                              f"use one of {DIRECTIONS}")
+    names = [name for name, _ in objectives]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"search space {path}: OBJECTIVES repeats a name: {names}")
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Import a space file and check it defines EXPERIMENT and suggest(); ConfigError otherwise."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise ConfigError(f"search space must be an existing .py file, got {path}")
+    spec = importlib.util.spec_from_file_location(f"carsam_space_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as err:
+        raise ConfigError(f"search space {path} failed to import: {type(err).__name__}: {err}") from err
+    if not hasattr(module, "EXPERIMENT") or not callable(getattr(module, "suggest", None)):
+        raise ConfigError(f"search space {path} must define EXPERIMENT and suggest(trial)")
+    space = SearchSpace(path.stem, path.parent / module.EXPERIMENT, module)
+    _check_objectives(space, path)
+    return space
