@@ -24,8 +24,8 @@ import pandas as pd
 
 from carsam.diagnostics.oscillation import NON_RECON_STREAMS, OSCILLATION, SIGN_CHANGES, oscillation_frame
 from carsam.diagnostics.writer import read_diagnostics
-from carsam.report.attention import dissipation_table
 from carsam.record import RECORD_FILE
+from carsam.report.attention import dissipation_table
 
 
 def _record(run_dir: Path) -> dict:

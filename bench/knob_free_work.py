@@ -26,13 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from stage_cache import EXPERIMENT, TRIAL  # noqa: E402
+
 import carsam.methods.mac as mac  # noqa: E402
 import carsam.recon.block_io as recon_cache  # noqa: E402
 import carsam.recon.interference as interference  # noqa: E402
 from carsam import pipeline  # noqa: E402
 from carsam.config import resolve  # noqa: E402
 from carsam.quant.quantizers import QuantMode  # noqa: E402
-from stage_cache import EXPERIMENT, TRIAL  # noqa: E402
 
 FP_SECONDS = {"unit FP passes": 0.0, "MAC FP phases": 0.0, "interference FP traces": 0.0}
 

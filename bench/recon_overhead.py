@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from carsam.config import resolve
+from carsam.config import ReconConfig, resolve
 from carsam.methods.calibrate import calibrate_
 from carsam.models.quantize import quantize_
 from carsam.models.sam import build_model
@@ -60,10 +60,10 @@ def main() -> None:
     device = resolve_device(args.device)
     sam, unit, cache = prepare(args.unit, args.calib_images, device)
     start_state = copy.deepcopy(unit.module(sam).state_dict())
-    settings = ReconSettings(iters=args.steps)
+    settings = ReconSettings.from_config(ReconConfig(iters=args.steps))
     for fn in (reconstruct_unit_plain, reconstruct_unit):  # warm-up: first-call costs out of the timings
         unit.module(sam).load_state_dict(start_state)
-        fn(sam, unit, cache, ReconSettings(iters=10))
+        fn(sam, unit, cache, ReconSettings.from_config(ReconConfig(iters=10)))
     times: dict[str, list[float]] = {"plain": [], "lightning": []}
     curves = {}
     for _ in range(args.repeats):

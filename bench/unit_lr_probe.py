@@ -16,11 +16,13 @@ import time
 import torch
 
 from carsam.config import ReconConfig, resolve
-from carsam.recon.driver import UnitRecipe, quantize_calibrate_, reconstruct_model_
-from carsam.testbed.spec import TESTBED_CHECKPOINT, build_testbed_from_checkpoint
+from carsam.methods.calibrate import quantize_calibrate_
 from carsam.pipeline import load_datasets
 from carsam.recon.block_io import build_unit_cache, cached_unit_loss
+from carsam.recon.driver import UnitRecipe, reconstruct_model_
 from carsam.recon.units import find_units
+from carsam.run_context import RunContext
+from carsam.testbed.spec import TESTBED_CHECKPOINT, build_testbed_from_checkpoint
 
 
 def main(unit_index: int, iters: int, alpha_lr: float) -> None:
@@ -28,7 +30,7 @@ def main(unit_index: int, iters: int, alpha_lr: float) -> None:
     calib = load_datasets(config.data, config.seed).calib
     torch.manual_seed(0)
     sam = build_testbed_from_checkpoint(TESTBED_CHECKPOINT)
-    quantize_calibrate_(sam, calib, config)
+    quantize_calibrate_(sam, calib, config, RunContext())
     unit = find_units(sam, "attention_mlp")[unit_index]
     cache = build_unit_cache(sam, unit, calib, inputs="quantized")
     rtn = cached_unit_loss(sam, cache)

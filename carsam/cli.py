@@ -38,8 +38,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     import optuna
 
     from carsam.sweep.runner import run_sweep
-    from carsam.sweep.summary import best_trials, objective_names, trials_table
     from carsam.sweep.storage import default_storage
+    from carsam.sweep.summary import best_trials, objective_names, trials_table
 
     if not args.verbose:  # keep the progress bar readable: per-run logs go to each run's record
         logging.getLogger("carsam").setLevel(logging.WARNING)
@@ -135,7 +135,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes on the study (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (worker i uses SEED+i; default 0)")
     p.add_argument("--heartbeat", type=_positive_int, default=None, help="seconds between a running trial's "
-                   "heartbeats; one silent for twice this is failed and retried (default $CARSAM_SWEEP_HEARTBEAT or 60)")
+                   "heartbeats; one silent for twice this is failed and retried "
+                        "(default $CARSAM_SWEEP_HEARTBEAT or 60)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_sweep)
 

@@ -108,10 +108,9 @@ class ReconConfig:
     their RTN rounding). `iters` per unit defaults to 500 so the testbed rows run in minutes on a CPU;
     the paper protocol is `recon.iters=20000 recon.alpha_lr=0.001` (`experiments/*_paper.yaml`).
     `alpha_lr` defaults to 1e-2, not the paper's 1e-3: Adam moves each AdaRound `alpha` by at most about
-    `lr` per step, so with 500 steps at 1e-3 a rounding can only flip where the residual is near 1/2;
-    measured on the testbed (W4A4, MSE activation ranges, 300 steps), 1e-2 halves the hard-rounded loss
-    of `layers.0.cross_attn_token_to_image` that 1e-3 reaches (0.0083 -> 0.0058; README). `quant_prob` is QDrop's keep probability during a unit's
-    reconstruction (reset to 1 everywhere afterwards); `inputs` is where the unit inputs come from
+    `lr` per step, so with 500 steps at 1e-3 a rounding can only flip where the residual is near 1/2
+    (the measurement behind this choice: docs/results.md, `bench/unit_lr_probe.py`). `quant_prob` is
+    QDrop's keep probability during a unit's reconstruction (reset to 1 everywhere afterwards); `inputs` is where the unit inputs come from
     (`quantized`: the partly reconstructed quantized model, as BRECQ/QDrop do). `agq_encoder`: also give
     the image-encoder attentions AGQ's log quantizer (ptq4sam; off: the decoder's only).
     `track_interference`: after each decoder unit, record the quantized model's queries/keys error at

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from carsam.data.coco import CocoBoxPrompts
-from carsam.recon.block_io import UnitCache
-from carsam.quant.state import quant_modes_set
-from carsam.quant.quantizers import QuantMode
-
-from carsam.data.synthetic import SyntheticSpec, generate_split
+from carsam.data.synthetic import generate_split
 from carsam.testbed.spec import build_testbed_sam
 from carsam.testbed.train import save_checkpoint
+from tests.helpers import SMALL_SPEC
 
-REPO = Path(__file__).resolve().parents[1]
-SMALL_SPEC = SyntheticSpec(seed=7, num_images=(("train", 0), ("calib", 4), ("val", 6)))
 
 @pytest.fixture(autouse=True)
 def _no_wandb_unless_asked(request, monkeypatch) -> None:
@@ -51,32 +44,8 @@ def random_testbed_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(sam, tmp_path_factory.mktemp("ckpt") / "random_testbed.pth")
 
 
-def experiment(name: str) -> str:
-    """Absolute path of a shipped experiment file, so tests do not depend on the working directory."""
-    return str(REPO / "experiments" / name)
-
-
-def real_data_overrides(paths: dict[str, Path], **replace: Path) -> list[str]:
-    """`data.*=...` overrides pointing the real-data path at `paths` (entries replaceable)."""
-    merged = {**paths, **replace}
-    keys = ("images", "annotations", "prompts", "calib_images", "calib_annotations")
-    return [f"data.{k}={merged[k]}" for k in keys]
-
-
-def write_json(path: Path, obj: object) -> Path:
-    path.write_text(json.dumps(obj))
-    return path
-
-
 @pytest.fixture(scope="module")
 def calib2(small_coco) -> CocoBoxPrompts:
     """Two calibration images (GT-box prompts) of the small synthetic set."""
     pool = CocoBoxPrompts(small_coco["calib_images"], small_coco["calib_annotations"], None, prompt_source="gt_boxes")
     return pool.subset(2, seed=0, require_prompts=True)
-
-
-def rerun_fp(sam: nn.Module, cache: UnitCache) -> list[tuple[torch.Tensor, ...]]:
-    """The unit's outputs on each cached sample's inputs with every quantizer of `sam` in FP mode."""
-    unit = cache.unit
-    with quant_modes_set(sam, QuantMode.FP), torch.no_grad():
-        return [unit.run(unit.module(sam), s.args, s.kwargs) for s in cache.samples]

@@ -9,7 +9,7 @@ import pytest
 
 from carsam.cli import main
 from carsam.record import list_records
-from tests.conftest import experiment, real_data_overrides, write_json
+from tests.helpers import experiment, real_data_overrides, write_json
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:

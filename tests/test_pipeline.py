@@ -7,11 +7,11 @@ import pytest
 
 from carsam import pipeline
 from carsam.config import resolve
-from carsam.methods.registry import Method, _REGISTRY, register
+from carsam.methods.registry import _REGISTRY, Method, register
 from carsam.models.quantize import quantize_
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import set_quant_mode
-from tests.conftest import experiment, real_data_overrides
+from tests.helpers import experiment, real_data_overrides
 
 
 def _config(tmp_path, small_coco, checkpoint, name: str, *overrides: str):
@@ -59,11 +59,12 @@ def test_a_method_leaving_quantizers_in_calibrate_mode_cannot_be_evaluated(tmp_p
 
 
 def test_a_quantizer_left_stochastic_cannot_be_evaluated(tmp_path, small_coco, random_testbed_checkpoint):
-    from carsam.methods.baselines import apply_rtn
+    from carsam.methods.calibrate import quantize_calibrate_
     from carsam.quant.state import set_quant_prob
+    from carsam.run_context import RunContext
 
     def half_dropped(sam, calib, config):
-        details = apply_rtn(sam, calib, config)
+        details = quantize_calibrate_(sam, calib, config, RunContext())
         set_quant_prob(sam, 0.5)  # QDrop's training-time setting, as PTQ4SAM's code left it
         return details
 

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from carsam import pipeline
-from carsam.files import file_sha256
 from carsam.config import resolve
+from carsam.files import file_sha256
 from carsam.testbed.spec import TESTBED_CARD, TESTBED_CHECKPOINT
-from tests.conftest import experiment
+from tests.helpers import experiment
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from segment_anything import sam_model_registry
 
 from carsam.cli import main
 from carsam.record import list_records
-from tests.conftest import experiment, real_data_overrides
+from tests.helpers import experiment, real_data_overrides
 
 
 @pytest.fixture(scope="module")

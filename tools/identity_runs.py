@@ -47,7 +47,8 @@ def main() -> None:
     for name, experiment, extra in RUNS:
         if args.only and name not in args.only:
             continue
-        config = resolve(experiment, [*TINY, *extra, f"runs_dir={args.runs}", f"data.synthetic_root={args.data}", f"name=ident_{name}"])
+        where = [f"runs_dir={args.runs}", f"data.synthetic_root={args.data}", f"name=ident_{name}"]
+        config = resolve(experiment, [*TINY, *extra, *where])
         record = pipeline.run(config)
         out[name] = {key: repr(value) for key, value in sorted(record.metrics.items())}
     print(json.dumps(out, indent=1, sort_keys=True))

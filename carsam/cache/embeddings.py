@@ -40,14 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import io
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from importlib import metadata
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 

@@ -48,7 +48,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,11 +57,11 @@ import torch
 from torch import nn
 
 import carsam
+from carsam.cache.store import CacheStats, EntryStore, canonical_key, image_file, numerics_fields
 from carsam.files import cached_file_sha256
 from carsam.quant.fp_reference import fp_references
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 from carsam.quant.state import set_quant_mode
-from carsam.cache.store import CacheStats, EntryStore, canonical_key, image_file, numerics_fields
 
 if TYPE_CHECKING:
     from carsam.data.coco import CocoBoxPrompts

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,9 @@ from carsam.config import RunConfig
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.collector import collect_attention_stats
 from carsam.diagnostics.oscillation import interference_frame, oscillation_frame
+from carsam.diagnostics.writer import DIAGNOSTICS_FILE, diagnostics_frame, summary_metrics, write_diagnostics_frame
 from carsam.eval.inference import EmbeddingSource
 from carsam.recon.driver import ReconReport
-from carsam.diagnostics.writer import (DIAGNOSTICS_FILE, diagnostics_frame, summary_metrics,
-                                      write_diagnostics_frame)
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from carsam.files import replace_atomic
-from carsam.diagnostics.collector import (ENCODER_ATTN, ENTROPY_KINDS, IMAGE_TO_TOKEN, MASK_KINDS, SELF_ATTN,
-                                          TOKEN_TO_IMAGE)
+from carsam.diagnostics.collector import (
+    ENCODER_ATTN,
+    ENTROPY_KINDS,
+    IMAGE_TO_TOKEN,
+    MASK_KINDS,
+    SELF_ATTN,
+    TOKEN_TO_IMAGE,
+)
 from carsam.diagnostics.oscillation import INTERFERENCE, NON_RECON_STREAMS, OSCILLATION, SIGN_CHANGES
+from carsam.files import replace_atomic
 
 DIAGNOSTICS_FILE = "diagnostics.parquet"
 COLUMNS = ["run_id", "module", "layer", "head", "kind", "step", "value"]

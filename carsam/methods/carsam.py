@@ -32,7 +32,8 @@ from carsam.methods.mac import apply_mac_
 from carsam.methods.ptq4sam import prepare_ptq4sam_
 from carsam.methods.qdrop import qdrop_recipe
 from carsam.methods.registry import Method, register
-from carsam.recon.driver import recon_settings, recon_units, reconstruct_model_
+from carsam.recon.driver import recon_units, reconstruct_model_
+from carsam.recon.stage import ReconSettings
 from carsam.recon.units import ReconUnit
 
 if TYPE_CHECKING:
@@ -55,7 +56,9 @@ def apply_carsam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: Ru
     mac_on = config.mac.enabled and config.quant.quantize_decoder
     if mac_on and config.mac.order == "before":
         details["mac"] = apply_mac_(sam, calib, config.mac, source=context.embeddings)
-    settings_for = jcar_settings_for(recon_settings(config.recon), config.jcar) if config.jcar.enabled else None
+    settings_for = None
+    if config.jcar.enabled:
+        settings_for = jcar_settings_for(ReconSettings.from_config(config.recon), config.jcar)
     details["recon"] = reconstruct_model_(sam, calib, config.recon, qdrop_recipe(config), carsam_units(sam, config),
                                           settings_for=settings_for, context=context)
     if mac_on and config.mac.order == "after":

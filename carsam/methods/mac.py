@@ -47,8 +47,16 @@ import torch
 from torch import Tensor, nn
 
 from carsam.eval.inference import EmbeddingSource, ImageEmbedding, SamBoxPredictor
-from carsam.methods.mac_math import (MacError, heads_to_rows, key_residual, pv_normal_terms, query_residual,
-                                     score_error_terms, solve_ridge, with_ones)
+from carsam.methods.mac_math import (
+    MacError,
+    heads_to_rows,
+    key_residual,
+    pv_normal_terms,
+    query_residual,
+    score_error_terms,
+    solve_ridge,
+    with_ones,
+)
 from carsam.methods.ptq4sam import token_to_image_attentions
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
@@ -239,7 +247,8 @@ class StepCapture:
             r = key_residual(fp["lhs"], fp["rhs"], q["lhs_q"], q["rhs"])
         rows, a = heads_to_rows(r), a.reshape(-1, a.shape[-1])
         if rows.shape[0] != a.shape[0]:
-            raise MacError(f"MAC: {a.shape[0]} input rows of {self.proj.name} do not match {rows.shape[0]} operand rows")
+            raise MacError(f"MAC: {a.shape[0]} input rows of {self.proj.name} do not match {rows.shape[0]} "
+                           "operand rows")
         return a.T @ a, a.T @ rows
 
     def remove(self) -> None:
@@ -278,7 +287,8 @@ class FpCallMemo:
 
     def keep(self, index: int, calls: list[dict[str, Tensor]]) -> None:
         """Keep sample `index`'s FP calls if they fit the budget."""
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for call in calls for t in call.values()}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for call in calls for t in call.values()}
         size = sum(storages.values())  # what keeping them holds: operands may be views of a larger output
         if self.nbytes + size <= self.budget_bytes:
             self.calls[index], self.nbytes = calls, self.nbytes + size

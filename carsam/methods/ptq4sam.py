@@ -43,13 +43,13 @@ from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pas
 from carsam.methods.big import BIMODALITY_THRESHOLD, bimodality_coefficient, integrate_bimodal_
 from carsam.methods.calibrate import calibrate_
 from carsam.methods.qdrop import qdrop_recipe
-from carsam.recon.driver import reconstruct_model_
 from carsam.methods.registry import Method, register
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE, quantize_
 from carsam.quant.logquant import TAUS, LogQuantizer, pv_error
 from carsam.quant.quantizers import QuantizerBase, QuantMode, iter_quantizers
 from carsam.quant.state import eval_no_grad, quant_modes_set
+from carsam.recon.driver import reconstruct_model_
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam

@@ -11,9 +11,6 @@ out of `state_dict`). `carsam.quant.state.fp_weights(model)` swaps the originals
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from torch import nn
 
 SUFFIX = "_fp_reference"

@@ -18,7 +18,6 @@ Samples are kept on CPU (a list, since B varies per image) and moved to a device
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
@@ -29,8 +28,8 @@ from torch import Tensor, nn
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
+from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
-from carsam.quant.quantizers import QuantMode, QuantizerBase, iter_quantizers
 from carsam.recon.spans import span_states, transformer_inputs
 from carsam.recon.units import ReconUnit, as_streams
 

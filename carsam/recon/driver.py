@@ -32,8 +32,8 @@ recipe, calibration set, code and RNG state are the same; restored unit records 
 (their `seconds` are those of the run that computed them). Bit-identical to reconstructing (tested).
 
 `reconstruct_model_` also takes, for callers such as JCAR: `settings_for(unit, cache)`, the stage
-settings of each decoder unit (e.g. its stream weights and reduction; default `recon_settings(recon)`;
-encoder units always get `recon_settings(recon)`), and `track_interference`: the quantized model's
+settings of each decoder unit (e.g. its stream weights and reduction; default `ReconSettings.from_config(recon)`;
+encoder units always get `ReconSettings.from_config(recon)`), and `track_interference`: the quantized model's
 per-step errors (`carsam.recon.interference.boundary_errors` on `interference_images` calibration
 images) once before the first decoder unit and after each reconstructed decoder unit, with every
 AdaRound layer in hard rounding, recorded as `interference: [{"after": "start" | unit name, "errors":
@@ -50,23 +50,22 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from carsam.cache.embeddings import encoder_fields
+from carsam.cache.prepared import state_sha256
+from carsam.eval.inference import EmbeddingSource
 from carsam.quant.adaround import adaround_modules, enable_adaround_, finalize_adaround_, set_soft_rounding
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantizerBase, UniformQuantizer, iter_quantizers
 from carsam.quant.state import assert_eval_ready, set_quant_prob
 from carsam.recon.block_io import UnitCache, build_unit_cache
-from carsam.cache.prepared import state_sha256
-from carsam.eval.inference import EmbeddingSource
-from carsam.run_context import RunContext
 from carsam.recon.interference import FpTraces, boundary_errors
 from carsam.recon.stage import ReconResult, ReconSettings, reconstruct_unit
 from carsam.recon.units import ReconUnit, find_units
-from carsam.cache.embeddings import encoder_fields
+from carsam.run_context import RunContext
 
 if TYPE_CHECKING:
-    from segment_anything.modeling import Sam
 
-    from carsam.config import ReconConfig, RunConfig
+    from carsam.config import ReconConfig
     from carsam.data.coco import CocoBoxPrompts
 
 SettingsFor = Callable[[ReconUnit, UnitCache], ReconSettings]
@@ -115,12 +114,6 @@ class ReconReport:
                "baked_layers": self.baked_layers, "seconds": self.seconds, "max_cache_mib": self.max_cache_mib,
                "units": self.units}
         return out if self.interference is None else {**out, "interference": self.interference}
-
-
-def recon_settings(recon: ReconConfig) -> ReconSettings:
-    """The stage's hyper-parameters from the config's `recon` section (beta 20 -> 2, QDrop's Lp loss)."""
-    return ReconSettings(iters=recon.iters, alpha_lr=recon.alpha_lr, scale_lr=recon.scale_lr,
-                         round_weight=recon.round_weight, warmup=recon.warmup, seed=recon.seed)
 
 
 def recon_units(sam: nn.Module, recon: ReconConfig, decoder_grouping: str | None = None) -> list[ReconUnit]:
@@ -193,7 +186,7 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
                                source: EmbeddingSource | None = None) -> dict[str, Any] | None:
     """Steps 1-5 of the module docstring for one unit; None (and a log line) if it has nothing quantized.
 
-    settings_for: the unit's stage settings from the unit and its block I/O (None: `recon_settings(recon)`);
+    settings_for: the unit's stage settings from the unit and its block I/O (None: `ReconSettings.from_config(recon)`);
     source: where the block-I/O passes get image embeddings (the run's embedding store; None: encode).
     """
     module = unit.module(sam)
@@ -203,7 +196,7 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
     set_soft_rounding(sam, False)
     cache = build_unit_cache(sam, unit, calib, inputs=recon.inputs, source=source)
     counts = prepare_unit_(module, recipe)
-    settings = recon_settings(recon) if settings_for is None else settings_for(unit, cache)
+    settings = ReconSettings.from_config(recon) if settings_for is None else settings_for(unit, cache)
     result = reconstruct_unit(sam, unit, cache, settings)
     set_soft_rounding(module, False)
     set_quant_prob(module, 1.0)
@@ -275,7 +268,7 @@ def encoder_stage_fields(sam: nn.Module, recon: ReconConfig, recipe: UnitRecipe,
     the encoder's current state (weights, qparams, quantizer modes), architecture and preprocessing, the
     stage settings, the input source, the recipe and the units."""
     return {"encoder_state": state_sha256(sam.image_encoder), "encoder": encoder_fields(sam),
-            "settings": dataclasses.asdict(recon_settings(recon)), "inputs": recon.inputs,
+            "settings": dataclasses.asdict(ReconSettings.from_config(recon)), "inputs": recon.inputs,
             "curve_points": recon.curve_points, "recipe": dataclasses.asdict(recipe), "units": [u.name for u in units]}
 
 
@@ -302,9 +295,9 @@ def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig
                        context: RunContext | None = None) -> ReconReport:
     """Reconstruct `units` (default: `recon_units(sam, recon)`) of a calibrated `sam` in order, then `finish_`.
 
-    The image-encoder units come first and use `recon_settings(recon)`; with the stage cache on they are
+    The image-encoder units come first and use `ReconSettings.from_config(recon)`; with the stage cache on they are
     restored from it when stored (`reconstruct_encoder_units_`). settings_for: per-unit stage settings of
-    the decoder units (None: `recon_settings(recon)`); track_interference: record the per-step errors on
+    the decoder units (None: `ReconSettings.from_config(recon)`); track_interference: record the per-step errors on
     `interference_images` images before and after the decoder units (module docstring; None:
     `recon.track_interference` / `recon.interference_images`); context: the run's stores (None: no stage
     cache, every encoder pass computed). Returns the `ReconReport` (per-unit records, interference).
@@ -325,11 +318,13 @@ def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig
     baked = finish_(sam)
     seconds = time.perf_counter() - start
     logger.info("reconstructed %d units (%d layers baked) in %.1fs", len(records), baked, seconds)
-    return ReconReport(settings={**dataclasses.asdict(recon), "stage": dataclasses.asdict(recon_settings(recon))},
+    stage = dataclasses.asdict(ReconSettings.from_config(recon))
+    return ReconReport(settings={**dataclasses.asdict(recon), "stage": stage},
                        recipe=recipe, units=records, baked_layers=baked, seconds=round(seconds, 3),
                        interference=interference if track_interference else None)
 
 
-__all__ = ["INTERFERENCE_START", "ReconReport", "SettingsFor", "UnitRecipe", "activation_quantizers", 
-           "encoder_stage_fields", "finish_", "has_work", "interference_entry", "prepare_unit_", "rebuild_reconstructed_", "recon_settings", "recon_units",
+__all__ = ["INTERFERENCE_START", "ReconReport", "SettingsFor", "UnitRecipe", "activation_quantizers",
+           "encoder_stage_fields", "finish_", "has_work", "interference_entry", "prepare_unit_",
+           "rebuild_reconstructed_", "recon_units",
            "reconstruct_encoder_units_", "reconstruct_model_", "reconstruct_units_", "roundable_layers", "subsample"]

@@ -9,8 +9,9 @@ inputs as quantized, in lockstep, and after each step the squared error of the q
 keys is accumulated. Called with an `FpTraces`, as the reconstruction does for all its entries, the FP
 side of an image is decoded and traced once and kept (up to `FP_TRACE_BYTES`; beyond it, and without
 one, it is traced afresh one state at a time, so memory holds two states and one image's transformer
-inputs). Errors are the MSE over all of an image's boxes, tokens and channels, averaged over the images. The model runs in eval mode (QDrop's random drop is off there
-whatever `quant_prob` is) under no_grad; its train/eval flag and quantizer modes are restored.
+inputs). Errors are the MSE over all of an image's boxes, tokens and channels, averaged over the images.
+The model runs in eval mode (QDrop's random drop is off there whatever `quant_prob` is) under no_grad;
+its train/eval flag and quantizer modes are restored.
 
 Recorded after each reconstruction unit (`reconstruct_model_(..., track_interference=True)`), these
 show whether optimising one branch (e.g. the token stream) raises the error of the other one or of
@@ -19,12 +20,10 @@ boundaries reconstructed earlier: the oscillation diagnostic of docs/methods.md.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, run_image
@@ -119,8 +118,8 @@ class FpTraces:
 
     The FP model never changes while units are reconstructed (FP passes use the original weights), so
     every entry compares against the same FP states: an image's FP decode and trace run once and are
-    kept (on the model's device) while they fit `budget_bytes` (estimated from the input shapes before running; real SAM: about
-    40 MiB per box); an image beyond it is traced again at each entry, one state at a time.
+    kept (on the model's device) while they fit `budget_bytes` (estimated from the input shapes before
+    running; real SAM: about 40 MiB per box); an image beyond it is traced again at each entry, one state at a time.
     """
 
     def __init__(self, budget_bytes: int = FP_TRACE_BYTES) -> None:

@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -37,6 +37,9 @@ from carsam.recon.losses import rounding_regularizer, stream_losses, weighted_su
 from carsam.recon.schedules import RoundingSchedule, cosine_factor
 from carsam.recon.units import ReconUnit
 
+if TYPE_CHECKING:
+    from carsam.config import ReconConfig
+
 logger = logging.getLogger(__name__)
 
 ROUND_KEY, TOTAL_KEY = "round", "total"
@@ -44,19 +47,31 @@ ROUND_KEY, TOTAL_KEY = "round", "total"
 
 @dataclasses.dataclass(frozen=True)
 class ReconSettings:
-    """Hyper-parameters of one unit's reconstruction (paper protocol defaults, 20,000 iterations)."""
+    """Hyper-parameters of one unit's reconstruction.
 
-    iters: int = 20000
-    alpha_lr: float = 1e-3
-    scale_lr: float = 4e-5
-    round_weight: float = 0.01
-    warmup: float = 0.2
+    The fields shared with the config's `recon` section (iters, alpha_lr, scale_lr, round_weight, warmup,
+    seed) have no defaults here: their one home is `carsam.config.ReconConfig`, and `from_config` builds the
+    settings from it. The stage-only fields (the beta schedule, the Lp norm, the reduction, JCAR's stream
+    weights) default to QDrop's.
+    """
+
+    iters: int
+    alpha_lr: float
+    scale_lr: float
+    round_weight: float
+    warmup: float
+    seed: int
     beta_start: float = 20.0
     beta_end: float = 2.0
     p: float = 2.0
     reduction: str = "qdrop"
     stream_weights: tuple[tuple[str, float], ...] = ()
-    seed: int = 0
+
+    @classmethod
+    def from_config(cls, recon: ReconConfig, **stage: Any) -> ReconSettings:
+        """The settings of `recon` (a `ReconConfig`), with stage-only fields from `stage`."""
+        return cls(iters=recon.iters, alpha_lr=recon.alpha_lr, scale_lr=recon.scale_lr,
+                   round_weight=recon.round_weight, warmup=recon.warmup, seed=recon.seed, **stage)
 
     def __post_init__(self) -> None:
         if self.iters < 1:

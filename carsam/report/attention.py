@@ -47,7 +47,8 @@ def dissipation_table(diags: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     index = sorted(set().union(*(m.index for m in means.values())),
                    key=lambda ml: (ml[1], DECODER_ATTENTIONS.index(ml[0])))
     depth = max(layer for module, layer in index if module == TOKEN_TO_IMAGE)
-    table = pd.DataFrame(index=pd.Index([_attention_label(m, l, depth) for m, l in index], name="attention"))
+    labels = [_attention_label(module, layer, depth) for module, layer in index]
+    table = pd.DataFrame(index=pd.Index(labels, name="attention"))
 
     def column(kind: str, label: str | None = None) -> list[float]:
         sources = [means[label]] if label else list(means.values())

@@ -31,8 +31,8 @@ from typing import Any
 
 import pandas as pd
 
-from carsam.files import write_text_atomic
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, read_diagnostics
+from carsam.files import write_text_atomic
 from carsam.record import list_records
 
 logger = logging.getLogger(__name__)

@@ -26,10 +26,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from carsam.files import replace_atomic
 from carsam.diagnostics.collector import IMAGE_TO_TOKEN, SELF_ATTN, TOKEN_TO_IMAGE
 from carsam.diagnostics.oscillation import LOSS, NON_RECON_STREAMS, OSCILLATION
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, head_means, read_diagnostics
+from carsam.files import replace_atomic
 from carsam.record import list_records
 
 logger = logging.getLogger(__name__)

@@ -28,10 +28,20 @@ from typing import Any
 import pandas as pd
 
 from carsam.files import write_text_atomic
-from carsam.report.format import CELL_COLUMNS, to_latex, to_markdown
-from carsam.report.records import (COMPLETED, JCAR_DEFAULTS, MAC_DEFAULTS, NONE, TIME_METRIC, incomplete_runs,
-                                   jcar_label, long_table, mac_label, records_long)
 from carsam.record import list_records
+from carsam.report.format import CELL_COLUMNS, to_latex, to_markdown
+from carsam.report.records import (
+    COMPLETED,
+    JCAR_DEFAULTS,
+    MAC_DEFAULTS,
+    NONE,
+    TIME_METRIC,
+    incomplete_runs,
+    jcar_label,
+    long_table,
+    mac_label,
+    records_long,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +208,7 @@ def _diagnostics_sections(runs_dir: str | Path, records: Sequence[Mapping[str, A
     """The dissipation and oscillation tables (`carsam.report.attention`) and the figures
     (`carsam.report.figures`) of the runs that have diagnostics, each diagnostics file read once."""
     from carsam.report.attention import dissipation_table, oscillation_table  # matplotlib and the diagnostics
-    from carsam.report.figures import figures_of, load_diagnostics          # readers, only on demand
+    from carsam.report.figures import figures_of, load_diagnostics  # readers, only on demand
 
     diags, skipped = load_diagnostics(runs_dir, records=records)
     sections = []

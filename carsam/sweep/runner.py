@@ -27,9 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from carsam import pipeline
 from carsam.config import ConfigError, resolve
-from carsam.sweep.summary import best_trials, trials_table
 from carsam.sweep.space import BITS, SearchSpace, load_space, objective_value
 from carsam.sweep.storage import default_storage, heartbeat_interval, open_storage
+from carsam.sweep.summary import best_trials, trials_table
 
 __all__ = ["SweepSpec", "best_trials", "enqueue_missing", "fail_stale", "make_objective", "planned_trials",
            "run_sweep", "trials_table"]

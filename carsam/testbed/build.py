@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from segment_anything.modeling import Sam
 
-from carsam.files import write_text_atomic
 from carsam.data.coco import CocoBoxPrompts
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.eval.evaluate import evaluate
-from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
-from carsam.files import file_sha256
+from carsam.files import file_sha256, write_text_atomic
 from carsam.record import git_commit, library_versions
+from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
 from carsam.testbed.train import TrainSpec, load_training_set, save_checkpoint, train_testbed
 
 logger = logging.getLogger(__name__)

@@ -16,19 +16,19 @@ import torch
 from PIL import Image
 
 from carsam import pipeline
+from carsam.cache.embeddings import EmbeddingStore, encoder_is_fp
+from carsam.cache.store import image_file
 from carsam.config import resolve
 from carsam.data.coco import CocoBoxPrompts
-from carsam.eval.inference import ImageEmbedding, SamBoxPredictor, active_embedding_source, embedding_source
+from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
+from carsam.methods.calibrate import calibrate_
+from carsam.methods.registry import get_method
 from carsam.models.quantize import QuantConfig, quantize_
 from carsam.models.sam import build_model
 from carsam.quant.fp_reference import remember_fp_
-from carsam.methods.calibrate import calibrate_
 from carsam.quant.quantizers import QuantMode
-from carsam.quant.state import set_quant_mode
-from carsam.quant.state import quant_modes_set
-from carsam.cache.embeddings import EmbeddingStore, encoder_is_fp
-from carsam.cache.store import image_file
-from tests.conftest import experiment, real_data_overrides
+from carsam.quant.state import quant_modes_set, set_quant_mode
+from tests.helpers import experiment, real_data_overrides
 
 DECODER_ONLY = "rtn_w4a4_decoder_only.yaml"
 
@@ -56,21 +56,28 @@ def _store(tmp_path, checkpoint) -> EmbeddingStore:
         overrides=[f"model.checkpoint={checkpoint}"]).model))
 
 
+def _run_store(config) -> EmbeddingStore:
+    """The embedding store a run of `config` would use."""
+    return pipeline.make_context(config, get_method(config.method), pipeline.model_description(config.model),
+                                 progress=False).embeddings
+
+
 def _assert_same(a: ImageEmbedding, b: ImageEmbedding) -> None:
     assert torch.equal(a.features, b.features) and a.features.dtype == b.features.dtype
     assert (a.input_size, a.original_size) == (b.input_size, b.original_size)
 
 
 def test_cached_embedding_is_bit_identical_to_a_recomputed_one(tmp_path, sam, val_copy, random_testbed_checkpoint):
-    store, predictor = _store(tmp_path, random_testbed_checkpoint), SamBoxPredictor(sam)
+    store = _store(tmp_path, random_testbed_checkpoint)
+    predictor = SamBoxPredictor(sam, source=store)
     image_id = val_copy.image_ids[0]
     fresh = predictor.embed(val_copy.load_image(image_id))
-    with embedding_source(store):
-        missed, hit = predictor.embed_image(val_copy, image_id), predictor.embed_image(val_copy, image_id)
+    missed, hit = predictor.embed_image(val_copy, image_id), predictor.embed_image(val_copy, image_id)
     assert (store.stats.misses, store.stats.hits) == (1, 1)
     _assert_same(missed, fresh)
     _assert_same(hit, fresh)
-    assert active_embedding_source() is None
+    SamBoxPredictor(sam).embed_image(val_copy, image_id)  # a predictor without a source never reads the store
+    assert (store.stats.misses, store.stats.hits) == (1, 1)
 
 
 def test_twin_encoder_in_fp_mode_reads_the_plain_encoders_entries_bitwise(tmp_path, val_copy,
@@ -131,7 +138,7 @@ def test_decoder_knobs_keep_the_key(tmp_path, sam, small_coco, random_testbed_ch
     changed = _config(tmp_path, small_coco, random_testbed_checkpoint, DECODER_ONLY, knob)
     data = pipeline.load_datasets(base.data, base.seed)
     path = image_file(data.val, data.val.image_ids[0])
-    keys = [pipeline.make_embedding_store(c).key(sam, torch.device("cpu"), path) for c in (base, changed)]
+    keys = [_run_store(c).key(sam, torch.device("cpu"), path) for c in (base, changed)]
     assert keys[0] == keys[1]
 
 
@@ -146,7 +153,6 @@ def test_second_run_hits_and_matches_an_uncached_run_exactly(tmp_path, small_coc
     assert again.details["cache"]["hits"] == first.details["cache"]["hits"] + first.details["cache"]["misses"]
     assert uncached.details["cache"] == {"enabled": False}
     assert first.metrics == again.metrics == uncached.metrics  # exact: eval and diagnostics
-    assert active_embedding_source() is None
 
 
 def test_another_checkpoint_misses(tmp_path, small_coco, random_testbed_checkpoint):
@@ -169,7 +175,7 @@ def _poison(store: EmbeddingStore, sam, data) -> list:
 
 def test_quantized_encoder_never_reads_or_writes_the_cache(tmp_path, sam, small_coco, random_testbed_checkpoint):
     config = _config(tmp_path, small_coco, random_testbed_checkpoint, "rtn_w4a4.yaml", "diagnostics.enabled=false")
-    paths = _poison(pipeline.make_embedding_store(config), sam, pipeline.load_datasets(config.data, config.seed))
+    paths = _poison(_run_store(config), sam, pipeline.load_datasets(config.data, config.seed))
     before = {p: p.read_bytes() for p in paths}
     poisoned = pipeline.run(config)
     clean = pipeline.run(dataclasses.replace(config, cache=dataclasses.replace(config.cache, enabled=False)))
@@ -279,9 +285,9 @@ def test_kept_quantized_embeddings_are_served_only_while_the_encoder_is_unchange
     qsam = build_model("testbed", random_testbed_checkpoint)
     quantize_(qsam, QuantConfig(w_bits=4, a_bits=4))
     calibrate_(qsam, calib2)
-    store, predictor, image_id = _store(tmp_path, random_testbed_checkpoint), SamBoxPredictor(qsam), \
-        val_copy.image_ids[0]
-    with embedding_source(store), store.keep_quantized(qsam, val_copy, [image_id]):
+    store, image_id = _store(tmp_path, random_testbed_checkpoint), val_copy.image_ids[0]
+    predictor = SamBoxPredictor(qsam, source=store)
+    with store.keep_quantized(qsam, val_copy, [image_id]):
         first = predictor.embed_image(val_copy, image_id)
         again = predictor.embed_image(val_copy, image_id)
         assert store.stats.reused == 1 and torch.equal(first.features, again.features)
@@ -291,6 +297,5 @@ def test_kept_quantized_embeddings_are_served_only_while_the_encoder_is_unchange
             qsam.image_encoder.blocks[0].mlp.lin1.weight.mul_(1.01)  # a changed encoder is encoded again
         changed = predictor.embed_image(val_copy, image_id)
         assert store.stats.reused == 1 and not torch.equal(changed.features, first.features)
-    with embedding_source(store):
-        predictor.embed_image(val_copy, image_id)
+    predictor.embed_image(val_copy, image_id)
     assert store.stats.reused == 1 and store.stats.hits == store.stats.misses == 0

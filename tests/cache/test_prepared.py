@@ -12,17 +12,18 @@ import pytest
 import torch
 
 from carsam import pipeline
+from carsam.cache.prepared import PreparedStore
 from carsam.config import ReconConfig, RunConfig, resolve
 from carsam.data.coco import CocoBoxPrompts
 from carsam.methods.ptq4sam import prepare_ptq4sam_
-from carsam.recon.driver import UnitRecipe, encoder_stage_fields, recon_units
 from carsam.methods.registry import get_method
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.testbed.spec import build_testbed_from_checkpoint
-from carsam.cache.prepared import PreparedStore, active_prepared_store, prepared_source
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import quant_modes, set_quant_mode
-from tests.conftest import experiment, real_data_overrides
+from carsam.recon.driver import UnitRecipe, encoder_stage_fields, recon_units
+from carsam.run_context import RunContext
+from carsam.testbed.spec import build_testbed_from_checkpoint
+from tests.helpers import experiment, real_data_overrides
 
 ENCODER_AND_DECODER = RunConfig(method="ptq4sam", quant=QuantConfig(w_bits=4, a_bits=4))
 
@@ -36,8 +37,7 @@ def _prepare(checkpoint, calib, config: RunConfig = ENCODER_AND_DECODER, store: 
     """A fresh FP testbed prepared by PTQ4SAM (through `store` if given); its details and the RNG after."""
     sam = build_testbed_from_checkpoint(checkpoint)
     torch.manual_seed(seed)
-    with prepared_source(store):
-        details = prepare_ptq4sam_(sam, calib, config)
+    details = prepare_ptq4sam_(sam, calib, config, RunContext(prepared=store))
     return sam, details, torch.get_rng_state()
 
 
@@ -63,7 +63,6 @@ def test_restored_preparation_is_bit_identical_to_computing_it(tmp_path, random_
     _assert_same_model(plain, cold)
     _assert_same_model(plain, warm)
     assert torch.equal(plain_rng, warm_rng) and torch.equal(plain_rng, cold_rng)
-    assert active_prepared_store() is None
 
 
 def test_key_follows_bits_calibration_images_and_rng_state(tmp_path, random_testbed_checkpoint, small_coco, calib2):
@@ -141,8 +140,7 @@ def _reconstruct(checkpoint, calib, store: PreparedStore | None):
     config = dataclasses.replace(ENCODER_AND_DECODER, recon=ReconConfig(iters=2, interference_images=1))
     sam = build_testbed_from_checkpoint(checkpoint)
     torch.manual_seed(0)
-    with prepared_source(store):
-        details = get_method("ptq4sam").apply(sam, calib, config)
+    details = get_method("ptq4sam").apply(sam, calib, config, RunContext(prepared=store))
     return sam, details["recon"], torch.get_rng_state()
 
 
@@ -155,12 +153,12 @@ def test_restored_encoder_reconstruction_is_bit_identical(tmp_path, random_testb
     _assert_same_model(cold, warm)  # after finish_: every baked weight, step and qparam
     assert torch.equal(cold_rng, warm_rng)
     drop = lambda r: json.loads(json.dumps({k: v for k, v in r.items() if k not in ("seconds", "cached")}))  # noqa: E731
-    encoder = [r for r in warm_recon["units"] if r["kind"] == "encoder_block"]
+    encoder = [r for r in warm_recon.units if r["kind"] == "encoder_block"]
     assert len(encoder) == 4 and all(r["cached"] for r in encoder)  # the testbed's 4 encoder blocks
-    assert not any(r.get("cached") for r in warm_recon["units"] if r not in encoder)
-    assert not any(r.get("cached") for r in cold_recon["units"])
-    assert [drop(r) for r in cold_recon["units"]] == [drop(r) for r in warm_recon["units"]]
-    assert cold_recon["interference"] == warm_recon["interference"]
+    assert not any(r.get("cached") for r in warm_recon.units if r not in encoder)
+    assert not any(r.get("cached") for r in cold_recon.units)
+    assert [drop(r) for r in cold_recon.units] == [drop(r) for r in warm_recon.units]
+    assert cold_recon.interference == warm_recon.interference
 
 
 def test_encoder_stage_key_follows_the_encoder_state_and_the_settings(tmp_path, random_testbed_checkpoint, calib2):

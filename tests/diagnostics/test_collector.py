@@ -10,14 +10,20 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from carsam.data.coco import CocoBoxPrompts
-from carsam.diagnostics.collector import (ENCODER_ATTN, IMAGE_TO_TOKEN, SELF_ATTN, TOKEN_TO_IMAGE,
-                                          collect_attention_stats, match_prompts, prompt_mask_tokens)
+from carsam.diagnostics.collector import (
+    ENCODER_ATTN,
+    IMAGE_TO_TOKEN,
+    SELF_ATTN,
+    TOKEN_TO_IMAGE,
+    collect_attention_stats,
+    match_prompts,
+    prompt_mask_tokens,
+)
 from carsam.methods.calibrate import calibrate_
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.testbed.spec import build_testbed_from_checkpoint
 from carsam.quant.quantizers import QuantMode
-from carsam.quant.state import quant_modes
-from carsam.quant.state import quant_modes_set
+from carsam.quant.state import quant_modes, quant_modes_set
+from carsam.testbed.spec import build_testbed_from_checkpoint
 
 BOTH = ("decoder", "encoder")
 

@@ -7,8 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from carsam.diagnostics.oscillation import (curve_steps, interference, interference_frame, interference_series,
-                                            oscillation_frame, oscillation_index, slope_sign_changes)
+from carsam.diagnostics.oscillation import (
+    curve_steps,
+    interference,
+    interference_frame,
+    interference_series,
+    oscillation_frame,
+    oscillation_index,
+    slope_sign_changes,
+)
 
 
 def _alternating(n: int) -> list[float]:

@@ -16,7 +16,7 @@ from carsam.config import resolve
 from carsam.diagnostics import run as run_diagnostics
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, read_diagnostics, summary_metrics
 from carsam.record import RECORD_FILE
-from tests.conftest import experiment, real_data_overrides
+from tests.helpers import experiment, real_data_overrides
 
 
 def _config(tmp_path, small_coco, checkpoint, name: str, *overrides: str):

@@ -8,8 +8,14 @@ import pandas as pd
 import pytest
 
 from carsam.diagnostics.oscillation import interference_frame, oscillation_frame
-from carsam.diagnostics.writer import (COLUMNS, DIAGNOSTICS_FILE, diagnostics_frame, read_diagnostics,
-                                       summary_metrics, write_diagnostics)
+from carsam.diagnostics.writer import (
+    COLUMNS,
+    DIAGNOSTICS_FILE,
+    diagnostics_frame,
+    read_diagnostics,
+    summary_metrics,
+    write_diagnostics,
+)
 
 
 def _attention_frame() -> pd.DataFrame:

@@ -12,7 +12,6 @@ import torch
 from carsam.data.coco import CocoBoxPrompts
 from carsam.data.synthetic import SyntheticSpec, generate_split
 from carsam.eval.evaluate import EvalResult, box_as_mask_floor, boxes_to_masks, evaluate
-from carsam.eval.inference import SamBoxPredictor
 from carsam.testbed.spec import build_testbed_sam
 
 METRIC_KEYS = {"eval/mAP", "eval/mAP50", "eval/mIoU"}

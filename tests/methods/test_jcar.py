@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carsam.config import JcarConfig
+from carsam.config import JcarConfig, ReconConfig
 from carsam.methods.jcar import jcar_settings, jcar_stream_weights
 from carsam.recon.block_io import UnitCache, UnitSample
 from carsam.recon.losses import pooled_variance, stream_target_variance
@@ -47,7 +47,7 @@ def test_stream_weights_are_the_config_weights_divided_by_the_variance():
 
 
 def test_jcar_settings_use_the_per_stream_mean_on_two_stream_units_only():
-    base = ReconSettings(iters=7)
+    base = ReconSettings.from_config(ReconConfig(iters=7))
     jcar = JcarConfig(enabled=True, w_tokens=0.1, w_image=1.0)
     span = jcar_settings(base, SPAN, _cache(), jcar)
     assert span.reduction == "mean" and dict(span.stream_weights) == {"queries": 0.1, "keys": 1.0}

@@ -13,16 +13,16 @@ from segment_anything.modeling import Sam, image_encoder, transformer
 from torch import Tensor
 
 from carsam.config import MacConfig, RunConfig
-from carsam.quant.fp_reference import fp_references
+from carsam.methods.calibrate import quantize_calibrate_
 from carsam.methods.mac import apply_mac_, attention_errors, correct_attention_, mac_attentions
 from carsam.methods.mac_math import MacError, score_error_terms, solve_ridge
-from carsam.recon.driver import quantize_calibrate_
 from carsam.models.adapters import KEY_QUANTIZER, QUERY_QUANTIZER, QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.testbed.spec import build_testbed_from_checkpoint
+from carsam.quant.fp_reference import fp_references
 from carsam.quant.quantizers import QuantizerBase, QuantMode, UniformQuantizer
-from carsam.quant.state import set_quant_mode
-from carsam.quant.state import quant_modes_set
+from carsam.quant.state import quant_modes_set, set_quant_mode
+from carsam.run_context import RunContext
+from carsam.testbed.spec import build_testbed_from_checkpoint
 
 E, HEADS = 16, 2  # decoder twins: internal dim 8 (downsample 2), head dim 4
 
@@ -116,10 +116,10 @@ def _explicit_score_error(attn, samples: list) -> float:
 
 
 def test_score_error_terms_match_the_explicit_scores():
-    l, k, lh, kh = (torch.randn(2, 3, n, 4, generator=_gen(i), dtype=torch.float64) for i, n in enumerate((5, 7, 5, 7)))
-    err, ref = score_error_terms(l, k, lh, kh)
-    assert err == pytest.approx(float((lh @ kh.mT - l @ k.mT).square().sum()), rel=1e-10)
-    assert ref == pytest.approx(float((l @ k.mT).square().sum()), rel=1e-10)
+    q, k, qh, kh = (torch.randn(2, 3, n, 4, generator=_gen(i), dtype=torch.float64) for i, n in enumerate((5, 7, 5, 7)))
+    err, ref = score_error_terms(q, k, qh, kh)
+    assert err == pytest.approx(float((qh @ kh.mT - q @ k.mT).square().sum()), rel=1e-10)
+    assert ref == pytest.approx(float((q @ k.mT).square().sum()), rel=1e-10)
 
 
 def test_query_correction_is_exact_when_the_key_error_is_representable():
@@ -216,7 +216,7 @@ def quantized_testbed(random_testbed_checkpoint, calib2) -> Sam:
     """The random testbed, W4A4 (encoder and decoder), calibrated on `calib2`."""
     torch.manual_seed(0)
     sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
-    quantize_calibrate_(sam, calib2, RunConfig(quant=QuantConfig()))
+    quantize_calibrate_(sam, calib2, RunConfig(quant=QuantConfig()), RunContext())
     return sam
 
 

@@ -13,7 +13,8 @@ from carsam.methods.registry import get_method, method_names
 from carsam.models.quantize import QuantConfig
 from carsam.models.sam import build_model
 from carsam.quant.quantizers import UniformQuantizer, iter_quantizers
-from tests.conftest import experiment, real_data_overrides
+from carsam.run_context import RunContext
+from tests.helpers import experiment, real_data_overrides
 
 EXPECTED = {"omse": ("mse", "mse"), "percentile": ("mse", "percentile")}
 
@@ -28,7 +29,7 @@ def _act_scales(config) -> dict[str, torch.Tensor]:
     """Apply `config.method` to a fresh model on the config's calibration set; the per-tensor scales."""
     sam = build_model(config.model.type, config.model.checkpoint)
     calib = pipeline.load_datasets(config.data, config.seed).calib
-    get_method(config.method).apply(sam, calib, config)
+    get_method(config.method).apply(sam, calib, config, RunContext())
     return {path: q.scale.clone() for path, q in iter_quantizers(sam)
             if isinstance(q, UniformQuantizer) and q.ch_axis is None}
 

@@ -8,28 +8,30 @@ from segment_anything.modeling import Sam
 
 from carsam.config import ConfigError, ReconConfig, RunConfig, resolve
 from carsam.methods.big import fold_signs_
+from carsam.methods.calibrate import quantize_calibrate_
 from carsam.methods.ptq4sam import fp_calibration_pass, integrate_bimodal_keys_, token_to_image_attentions
-from carsam.recon.driver import UnitRecipe, quantize_calibrate_, reconstruct_model_, subsample
 from carsam.methods.registry import get_method
 from carsam.models.adapters import QuantDecoderAttention
 from carsam.models.quantize import QuantConfig, quantize_
-from carsam.testbed.spec import build_testbed_from_checkpoint
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.logquant import TAUS, LogQuantizer
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 from carsam.quant.state import assert_eval_ready
-from carsam.recon.block_io import build_unit_cache
+from carsam.recon.block_io import build_unit_cache, cached_unit_loss
+from carsam.recon.driver import UnitRecipe, reconstruct_model_, subsample
 from carsam.recon.units import find_units
-from tests.conftest import experiment
-from carsam.recon.block_io import cached_unit_loss
+from carsam.run_context import RunContext
+from carsam.testbed.spec import build_testbed_from_checkpoint
+from tests.helpers import experiment
 
 FAST = ReconConfig(iters=10, track_interference=False)  # interference: tests/recon/test_interference.py
 
 
-def _apply(method: str, checkpoint, calib, quant: QuantConfig = QuantConfig()) -> tuple[Sam, dict]:
+def _apply(method: str, checkpoint, calib, quant: QuantConfig | None = None) -> tuple[Sam, dict]:
+    quant = QuantConfig() if quant is None else quant
     torch.manual_seed(0)
     sam = build_testbed_from_checkpoint(checkpoint)
-    details = get_method(method).apply(sam, calib, RunConfig(method=method, quant=quant, recon=FAST))
+    details = get_method(method).apply(sam, calib, RunConfig(method=method, quant=quant, recon=FAST), RunContext())
     return sam, details
 
 
@@ -57,7 +59,7 @@ def test_method_leaves_an_eval_ready_model_and_records_curves(applied, method):
     sam, details = applied[method]
     assert_eval_ready(sam)  # hard rounding, quant_prob 1, QUANTIZED, calibrated
     assert not any(isinstance(q, AdaRoundQuantizer) for _, q in iter_quantizers(sam))
-    recon = details["recon"]
+    recon = details["recon"].record()
     assert recon["settings"]["iters"] == 10 and recon["num_units"] == len(recon["units"]) > 0
     for unit in recon["units"]:
         assert unit["steps"] == 10 and set(unit["first"]) == set(unit["last"]) == set(unit["curve"])
@@ -71,8 +73,8 @@ def test_brecq_learns_no_activation_step_and_qdrop_does(applied):
         return sum(isinstance(q.scale, torch.nn.Parameter) for _, q in iter_quantizers(sam) if hasattr(q, "scale"))
     assert learned(applied["brecq"][0]) == 0
     assert learned(applied["qdrop"][0]) > 0
-    assert applied["qdrop"][1]["recon"]["recipe"] == {"learn_act_scales": True, "quant_prob": 0.5}
-    assert applied["brecq"][1]["recon"]["recipe"] == {"learn_act_scales": False, "quant_prob": 1.0}
+    assert applied["qdrop"][1]["recon"].record()["recipe"] == {"learn_act_scales": True, "quant_prob": 0.5}
+    assert applied["brecq"][1]["recon"].record()["recipe"] == {"learn_act_scales": False, "quant_prob": 1.0}
 
 
 @pytest.mark.parametrize("method", ["brecq", "qdrop", "ptq4sam"])
@@ -136,12 +138,12 @@ def test_brecq_reconstruction_lowers_a_unit_loss_from_rtn(random_testbed_checkpo
     torch.manual_seed(0)
     sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
     config = RunConfig(method="brecq", quant=QuantConfig(w_observer="minmax", quantize_encoder=False))
-    quantize_calibrate_(sam, calib2, config)
+    quantize_calibrate_(sam, calib2, config, RunContext())
     unit = find_units(sam, "attention_mlp")[2]  # layers.0.mlp (see the report: attention units need more)
     cache = build_unit_cache(sam, unit, calib2, inputs="quantized")
     rtn = cached_unit_loss(sam, cache)
     recon = ReconConfig(iters=120, alpha_lr=1e-2)
-    record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit])
+    record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit]).record()
     assert record["num_units"] == 1 and record["baked_layers"] == 2
     assert cached_unit_loss(sam, cache) < rtn
 

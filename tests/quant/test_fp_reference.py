@@ -8,11 +8,9 @@ import torch
 
 from carsam.quant.adaround import enable_adaround_, finalize_adaround_
 from carsam.quant.fp_reference import fp_references, remember_fp_
-from carsam.quant.state import fp_weights
 from carsam.quant.modules import QuantLinear
 from carsam.quant.quantizers import QuantMode, UniformQuantizer
-from carsam.quant.state import set_quant_mode
-from carsam.quant.state import quant_modes_set
+from carsam.quant.state import fp_weights, quant_modes_set, set_quant_mode
 
 
 def test_the_first_value_is_kept_swapped_in_and_back_and_stays_out_of_the_state_dict():

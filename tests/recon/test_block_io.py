@@ -9,7 +9,7 @@ from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import quant_modes
 from carsam.recon.block_io import build_unit_cache
 from carsam.recon.units import find_units
-from tests.conftest import rerun_fp
+from tests.helpers import rerun_fp
 
 
 @pytest.mark.parametrize("grouping,index", [("attention_mlp", 1), ("attention_mlp", 2), ("block", 0), ("block", 2)])

@@ -7,13 +7,13 @@ import torch
 
 from carsam.config import JcarConfig, ReconConfig
 from carsam.methods.jcar import jcar_settings_for
-from carsam.recon.driver import UnitRecipe, recon_settings, reconstruct_model_
-from carsam.quant.quantizers import QuantMode
-from carsam.quant.state import quant_modes
-from carsam.quant.state import quant_modes_set
 from carsam.quant.fp_reference import SUFFIX, remember_fp_
+from carsam.quant.quantizers import QuantMode
+from carsam.quant.state import quant_modes, quant_modes_set
+from carsam.recon.driver import UnitRecipe, reconstruct_model_
 from carsam.recon.interference import FpTraces, boundary_errors, paired_errors
 from carsam.recon.spans import step_names
+from carsam.recon.stage import ReconSettings
 from carsam.recon.units import find_units
 
 KEYS_UNTOUCHED = ("layers.0.self_attn", "layers.0.cross_attn_token_to_image", "layers.0.mlp")
@@ -64,9 +64,10 @@ def test_boundary_errors_leave_no_state_behind(qsam, calib2):
 def test_reconstruction_records_interference_before_and_after_each_decoder_unit(qsam, calib2):
     units = find_units(qsam, "chain")[2:4]  # layers.0.mlp, then the layers.0 chain span
     recon = ReconConfig(iters=4)
-    settings_for = jcar_settings_for(recon_settings(recon), JcarConfig(enabled=True, variance_weighting=True))
+    jcar = JcarConfig(enabled=True, variance_weighting=True)
+    settings_for = jcar_settings_for(ReconSettings.from_config(recon), jcar)
     record = reconstruct_model_(qsam, calib2, recon, UnitRecipe(), units=units, settings_for=settings_for,
-                                track_interference=True, interference_images=1)
+                                track_interference=True, interference_images=1).record()
     entries = record["interference"]
     assert [e["after"] for e in entries] == ["start", "decoder.layers.0.mlp", "decoder.layers.0.chain"]
     names = step_names(qsam.mask_decoder.transformer)

@@ -9,21 +9,20 @@ from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
 from carsam.config import JcarConfig, ReconConfig, RunConfig
+from carsam.methods.calibrate import quantize_calibrate_
 from carsam.methods.jcar import jcar_settings_for
-from carsam.recon.driver import (UnitRecipe, prepare_unit_, quantize_calibrate_, recon_settings,
-                                           reconstruct_model_, roundable_layers)
 from carsam.models.quantize import QuantConfig
-from carsam.testbed.spec import build_testbed_from_checkpoint, build_testbed_sam
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.quantizers import QuantMode
-from carsam.quant.state import quant_modes
-from carsam.recon.block_io import build_unit_cache
-from carsam.quant.state import quant_modes_set
-from carsam.recon.spans import (DecoderSpan, decoder_steps, prologue, run_from, run_steps, span_states,
-                                step_names)
+from carsam.quant.state import quant_modes, quant_modes_set
+from carsam.recon.block_io import build_unit_cache, cached_unit_loss
+from carsam.recon.driver import UnitRecipe, prepare_unit_, reconstruct_model_, roundable_layers
+from carsam.recon.spans import DecoderSpan, decoder_steps, prologue, run_from, run_steps, span_states, step_names
+from carsam.recon.stage import ReconSettings
 from carsam.recon.units import DECODER_ATTENTION, find_units
-from tests.conftest import rerun_fp
-from carsam.recon.block_io import cached_unit_loss
+from carsam.run_context import RunContext
+from carsam.testbed.spec import build_testbed_from_checkpoint, build_testbed_sam
+from tests.helpers import rerun_fp
 
 T = "mask_decoder.transformer"
 PAIR = ["decoder.layers.0.self_attn", "decoder.layers.0.pair", "decoder.layers.1.self_attn", "decoder.layers.1.pair",
@@ -225,13 +224,13 @@ def test_pair_reconstruction_lowers_the_span_loss_from_rtn(random_testbed_checkp
     torch.manual_seed(0)
     sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
     config = RunConfig(method="brecq", quant=QuantConfig(w_observer="minmax", quantize_encoder=False))
-    quantize_calibrate_(sam, calib2, config)
+    quantize_calibrate_(sam, calib2, config, RunContext())
     unit = find_units(sam, "pair")[1]  # layers.0: token->image, MLP, image->token
     cache = build_unit_cache(sam, unit, calib2, inputs="quantized")
     rtn = cached_unit_loss(sam, cache)
     recon = ReconConfig(iters=60, alpha_lr=1e-2)
-    settings_for = jcar_settings_for(recon_settings(recon), JcarConfig(enabled=True))
-    record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit], settings_for=settings_for)
+    settings_for = jcar_settings_for(ReconSettings.from_config(recon), JcarConfig(enabled=True))
+    record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit], settings_for=settings_for).record()
     assert record["num_units"] == 1 and record["baked_layers"] == 10
     assert [e["after"] for e in record["interference"]] == ["start", unit.name]  # recon.track_interference
     unit_record = record["units"][0]

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
+from carsam.config import ReconConfig
 from carsam.quant.adaround import enable_adaround_, set_soft_rounding
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantMode, UniformQuantizer
 from carsam.quant.state import set_quant_prob
-from carsam.recon.block_io import build_unit_cache
+from carsam.recon.block_io import build_unit_cache, cached_unit_loss
 from carsam.recon.stage import ReconSettings, ReconstructionStage, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
-from carsam.recon.block_io import cached_unit_loss
 
 
 def _weights_only(module) -> None:
@@ -37,7 +37,8 @@ def test_adaround_reconstruction_lowers_w4_unit_loss_from_rtn(qsam, calib2):
     cache = build_unit_cache(qsam, unit, calib2)
     rtn = cached_unit_loss(qsam, cache)
     _enable_adaround(module)
-    result = reconstruct_unit_plain(qsam, unit, cache, ReconSettings(iters=60, alpha_lr=1e-2, reduction="mean"))
+    settings = ReconSettings.from_config(ReconConfig(iters=60, alpha_lr=1e-2), reduction="mean")
+    result = reconstruct_unit_plain(qsam, unit, cache, settings)
     set_soft_rounding(module, False)
     assert len(result.curve["out"]) == 60
     assert cached_unit_loss(qsam, cache) < 0.9 * rtn
@@ -58,7 +59,7 @@ def test_lightning_stage_and_plain_loop_give_the_same_loss_curve(qsam, calib2):
     unit = find_units(qsam, "attention_mlp")[1]
     cache = build_unit_cache(qsam, unit, calib2, inputs="quantized")
     other = copy.deepcopy(qsam)
-    settings = ReconSettings(iters=12, warmup=0.25)
+    settings = ReconSettings.from_config(ReconConfig(iters=12, warmup=0.25))
     light = reconstruct_unit(qsam, _qdrop_unit(qsam), cache, settings)
     plain = reconstruct_unit_plain(other, _qdrop_unit(other), cache, settings)
     assert set(light.curve) == {"out", "round", "total"} and light.steps == plain.steps == 12
@@ -76,7 +77,7 @@ def test_stage_leaves_no_state_behind(qsam, calib2):
     flags = {name: p.requires_grad for name, p in qsam.named_parameters()}
     rng = torch.random.get_rng_state()
     qsam.eval()
-    reconstruct_unit(qsam, unit, cache, ReconSettings(iters=3))
+    reconstruct_unit(qsam, unit, cache, ReconSettings.from_config(ReconConfig(iters=3)))
     assert {name: p.requires_grad for name, p in qsam.named_parameters()} == flags
     assert not module.training and torch.equal(torch.random.get_rng_state(), rng)
     assert module.q_proj.weight.device.type == "cpu"
@@ -87,7 +88,8 @@ def test_learned_scales_move_and_weights_do_not(qsam, calib2):
     module = unit.module(qsam)
     weight = module.q_proj.weight.detach().clone()
     scale = module.qk_matmul.lhs_quantizer.scale.detach().clone()
-    reconstruct_unit_plain(qsam, unit, build_unit_cache(qsam, unit, calib2), ReconSettings(iters=3, scale_lr=1e-2))
+    settings = ReconSettings.from_config(ReconConfig(iters=3, scale_lr=1e-2))
+    reconstruct_unit_plain(qsam, unit, build_unit_cache(qsam, unit, calib2), settings)
     assert torch.equal(module.q_proj.weight, weight)
     assert not torch.equal(module.qk_matmul.lhs_quantizer.scale, scale)
 
@@ -96,4 +98,4 @@ def test_unit_without_learnable_parameters_is_rejected(qsam, calib2):
     unit = find_units(qsam, "attention_mlp")[0]
     cache = build_unit_cache(qsam, unit, calib2)
     with pytest.raises(ValueError, match="nothing to optimise"):
-        ReconstructionStage(unit.module(qsam), unit, cache, ReconSettings(iters=1))
+        ReconstructionStage(unit.module(qsam), unit, cache, ReconSettings.from_config(ReconConfig(iters=1)))

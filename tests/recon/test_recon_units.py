@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carsam.testbed.spec import build_testbed_sam
 from carsam.recon.units import GROUPINGS, find_units
+from carsam.testbed.spec import build_testbed_sam
 
 T = "mask_decoder.transformer"
 ATTENTION_MLP = [f"{T}.layers.{i}.{n}" for i in range(2)

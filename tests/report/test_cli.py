@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from carsam.cli import main
 
-from .conftest import add_diagnostics, make_run, metrics
+from .helpers import add_diagnostics, make_run, metrics
 
 
 def test_report_command_writes_tables_figures_and_prints_markdown(tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _script():

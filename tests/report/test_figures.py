@@ -11,7 +11,7 @@ from PIL import Image
 from carsam.diagnostics.writer import read_diagnostics
 from carsam.report.figures import layer_profile, recon_curves, write_figures
 
-from .conftest import add_diagnostics, make_run, metrics
+from .helpers import add_diagnostics, make_run, metrics
 
 
 @pytest.fixture()

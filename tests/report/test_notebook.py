@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 from nbconvert.preprocessors import ExecutePreprocessor
 
-from .conftest import add_diagnostics, make_run, metrics
+from .helpers import add_diagnostics, make_run, metrics
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "analysis" / "ablation.ipynb"
 

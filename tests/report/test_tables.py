@@ -8,13 +8,20 @@ import math
 import pandas as pd
 import pytest
 
-from carsam.report.tables import (ablation_tables, latest_runs, long_table, runs_summary, runs_table, superseded_runs,
-                           write_report)
+from carsam.record import list_records
 from carsam.report.format import best_flags, cell_text, latex_escape, to_latex, to_markdown
 from carsam.report.records import JCAR_DEFAULTS, MAC_DEFAULTS, TIME_METRIC, incomplete_runs
-from carsam.record import list_records
+from carsam.report.tables import (
+    ablation_tables,
+    latest_runs,
+    long_table,
+    runs_summary,
+    runs_table,
+    superseded_runs,
+    write_report,
+)
 
-from .conftest import make_run, metrics
+from .helpers import make_run, metrics
 
 MAC_ON, JCAR_ON = {"enabled": True}, {"enabled": True}
 

@@ -4,44 +4,20 @@ files written into tmp folders, the `carsam sweep` command line, and a throwaway
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from tests.conftest import REPO, experiment, real_data_overrides
-
-GRID_SPACE = '''
-EXPERIMENT = "{experiment}"
-GRID = {grid!r}
-{extra}
-
-def suggest(trial):
-    return [f"{{k}}={{trial.suggest_categorical(k, v)}}" for k, v in GRID.items()]
-'''
-
-
-def write_space(folder: Path, grid: dict, name: str = "tiny_space", exp: str = "rtn_w8a8.yaml", extra: str = "") -> Path:
-    """A space file over `grid` (queued point by point) starting from experiments/`exp`."""
-    path = folder / f"{name}.py"
-    path.write_text(GRID_SPACE.format(experiment=experiment(exp), grid=grid, extra=extra))
-    return path
-
-
-def write_tpe_space(folder: Path, name: str = "tpe_space") -> Path:
-    """A space without GRID: the sampler picks quant.w_bits in {6, 8} every trial."""
-    path = folder / f"{name}.py"
-    path.write_text(f'EXPERIMENT = "{experiment("rtn_w8a8.yaml")}"\n\n'
-                    "def suggest(trial):\n"
-                    "    return [f\"quant.w_bits={trial.suggest_categorical('quant.w_bits', [6, 8])}\"]\n")
-    return path
+from tests.helpers import real_data_overrides
+from tests.sweep.helpers import (
+    _as_server_user,
+    _free_port,
+    _pg_bin,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -61,61 +37,6 @@ def trial_overrides(small_coco, random_testbed_checkpoint) -> list[str]:
     min-max observers, no diagnostics, no W&B."""
     return [f"model.checkpoint={random_testbed_checkpoint}", *real_data_overrides(small_coco), "data.calib_size=2",
             "data.max_val_images=2", "quant.w_observer=minmax", "diagnostics.enabled=false", "tracking.mode=disabled"]
-
-
-def sweep_command(space: Path, overrides: list[str], *args: str) -> list[str]:
-    """`carsam sweep SPACE OVERRIDES... ARGS...` run by this interpreter."""
-    return [sys.executable, "-m", "carsam.cli", "sweep", str(space), *overrides, "--no-progress", *args]
-
-
-def sweep_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    """Poll `predicate` until it returns a truthy value (returned) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def states(study: optuna.Study) -> list[str]:
-    return [t.state.name for t in study.get_trials(deepcopy=False)]
-
-
-# --- PostgreSQL -----------------------------------------------------------------------------------------
-
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _as_server_user() -> list[str]:
-    """initdb and postgres refuse to run as root: run them as the `postgres` system user then."""
-    if os.geteuid() != 0:
-        return []
-    runuser = shutil.which("runuser")
-    try:
-        import pwd
-        pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("running as root and there is no 'postgres' system user to run the server as")
-    if not runuser:
-        pytest.skip("running as root without runuser to start PostgreSQL as the 'postgres' user")
-    return [runuser, "-u", "postgres", "--"]
 
 
 @pytest.fixture(scope="module")

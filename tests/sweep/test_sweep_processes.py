@@ -13,7 +13,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from carsam.record import list_records
 from carsam.sweep.runner import run_sweep
-from tests.sweep.conftest import states, sweep_command, sweep_env, wait_for, write_space, write_tpe_space
+from tests.sweep.helpers import states, sweep_command, sweep_env, wait_for, write_space, write_tpe_space
 
 pytestmark = pytest.mark.slow
 PROCESS_TIMEOUT = 180  # seconds for one `carsam sweep` process (a few trials of about a second, plus imports)

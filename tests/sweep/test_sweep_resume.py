@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from carsam.record import list_records
 from carsam.sweep.runner import run_sweep, trials_table
-from tests.conftest import experiment, real_data_overrides
+from tests.helpers import experiment, real_data_overrides
 
 SPACE = '''
 EXPERIMENT = "{experiment}"
@@ -53,7 +53,8 @@ def test_rerun_retries_failed_grid_points_until_the_grid_is_complete(tmp_path, s
     runs = str(tmp_path / "runs")
     broken = run_sweep(space, trials=1, runs_dir=runs, overrides=[f"model.checkpoint={tmp_path / 'none.pth'}", *data])
     failed_params = broken.trials[0].params
-    study = run_sweep(space, trials=2, runs_dir=runs, overrides=[f"model.checkpoint={random_testbed_checkpoint}", *data])
+    study = run_sweep(space, trials=2, runs_dir=runs,
+                      overrides=[f"model.checkpoint={random_testbed_checkpoint}", *data])
     completed = [t.params for t in study.trials if t.state.name == "COMPLETE"]
     assert len(completed) == 2 and failed_params in completed
     assert sorted(p["quant.w_bits"] for p in completed) == [6, 8]

@@ -15,11 +15,16 @@ from carsam.config import ConfigError
 from carsam.record import list_records
 from carsam.sweep.runner import best_trials, enqueue_missing, fail_stale, planned_trials, run_sweep, trials_table
 from carsam.sweep.space import load_space
-from carsam.sweep.storage import (HEARTBEAT_ATTR, HeartbeatJournalStorage, default_storage, heartbeat_interval,
-                                  journal_path, open_storage)
-from tests.conftest import REPO
-from tests.sweep.conftest import states, write_space
-
+from carsam.sweep.storage import (
+    HEARTBEAT_ATTR,
+    HeartbeatJournalStorage,
+    default_storage,
+    heartbeat_interval,
+    journal_path,
+    open_storage,
+)
+from tests.helpers import REPO
+from tests.sweep.helpers import states, write_space
 
 
 def test_journal_url_names_a_file_and_other_urls_are_not_journals():
@@ -207,7 +212,7 @@ def test_rerunning_a_study_with_other_objectives_is_refused(tmp_path, trial_over
 
 
 def test_a_space_without_grid_plans_the_requested_trials(tmp_path):
-    from tests.sweep.conftest import write_tpe_space
+    from tests.sweep.helpers import write_tpe_space
 
     space = load_space(write_tpe_space(tmp_path))
     assert space.grid == [] and planned_trials(space, 5) == 5

@@ -7,9 +7,16 @@ import dataclasses
 import pytest
 import torch
 
-from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
 from carsam.models.checkpoint import CheckpointError
-from carsam.testbed.train import TrainSpec, forward_boxes, load_training_set, sample_batch, save_checkpoint, segmentation_loss
+from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
+from carsam.testbed.train import (
+    TrainSpec,
+    forward_boxes,
+    load_training_set,
+    sample_batch,
+    save_checkpoint,
+    segmentation_loss,
+)
 
 
 def test_decoder_has_real_sam_shape():
@@ -40,7 +47,8 @@ def test_loss_is_lower_for_the_true_mask():
     good_logits = (target * 2 - 1) * 8
     bad_logits = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(0))
     iou = torch.ones(2)
-    assert segmentation_loss(good_logits, target, iou, 20.0)[0] < 0.1 < segmentation_loss(bad_logits, target, iou, 20.0)[0]
+    good, bad = (segmentation_loss(logits, target, iou, 20.0)[0] for logits in (good_logits, bad_logits))
+    assert good < 0.1 < bad
 
 
 def test_recipe_overfits_a_fixed_batch(small_coco):

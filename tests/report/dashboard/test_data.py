@@ -8,11 +8,11 @@ import math
 
 import pandas as pd
 
-from carsam.report.dashboard import build_dashboard, dashboard_data, extract_embedded_data
 from carsam.diagnostics.writer import read_diagnostics
 from carsam.record import write_record
+from carsam.report.dashboard import build_dashboard, dashboard_data, extract_embedded_data
 
-from .conftest import make_record
+from .helpers import make_record
 
 
 def _page_data(runs_dir, tmp_path) -> tuple[str, dict]:

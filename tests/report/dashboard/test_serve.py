@@ -9,11 +9,11 @@ import urllib.request
 import pytest
 
 from carsam import cli
+from carsam.record import write_record
 from carsam.report import dashboard
 from carsam.report.dashboard import extract_embedded_data, make_server
-from carsam.record import write_record
 
-from .conftest import make_record
+from .helpers import make_record
 
 
 def _get(url: str) -> tuple[int, str, str]:

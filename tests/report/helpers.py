@@ -1,5 +1,4 @@
-"""Fake run folders for the report tests: records written with `carsam.record.write_record`, diagnostics
-with `carsam.diagnostics.writer.write_diagnostics`, from hand-made numbers."""
+"""Helpers the tests import (plain functions and constants; the fixtures stay in conftest.py)."""
 
 from __future__ import annotations
 
