@@ -10,7 +10,7 @@ SWEEP_STORAGE ?= journal:runs/optuna.journal
 export PYTHONHASHSEED := 0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-packages test test-fast sweep report dashboard testbed data bench clean
+.PHONY: help setup system-packages lint test test-fast sweep report dashboard testbed data bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,11 +27,14 @@ setup: $(STAMP) ## create .venv and install carsam with pinned dependencies (ski
 system-packages: ## install the Debian packages some tests drive (chromium, postgresql) when root
 	bash tools/system-packages.sh
 
-test: $(STAMP) system-packages ## run the test suite (CPU only, no network)
-	$(BIN)/pytest -q
+lint: $(STAMP) ## ruff: pyflakes, pycodestyle, import order, 120 columns (config in pyproject.toml)
+	$(BIN)/ruff check carsam tests bench tools analysis sweeps
+
+test: $(STAMP) system-packages ## run the test suite (CPU only, no network), slowest 15 listed
+	$(BIN)/pytest -q --durations=15
 
 test-fast: $(STAMP) ## the test suite without tests marked slow
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" --durations=15
 
 sweep: $(STAMP) ## the default study: quick decoder-only CAR-SAM on the testbed (resumable; TRIALS=8 WORKERS=2), then tables + dashboard
 	$(BIN)/carsam sweep sweeps/carsam_quick.py --trials $(TRIALS) --workers $(WORKERS) --storage $(SWEEP_STORAGE)

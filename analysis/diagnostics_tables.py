@@ -1,4 +1,4 @@
-"""Print the dissipation table or the oscillation summary of chosen runs (the numbers in the README and notes).
+"""Print the dissipation table or the oscillation summary of chosen runs (the numbers in docs/results.md).
 
     python analysis/diagnostics_tables.py dissipation runs/<id-rtn> runs/<id-ptq4sam> runs/<id-carsam>
     python analysis/diagnostics_tables.py oscillation runs/<id> ...

@@ -1,5 +1,5 @@
 """Where a warm decoder-knob trial spends its time: the knob-free FP work the stage cache leaves, and the
-knob-dependent stages no cache can skip (the bound quoted in the README's "Stage cache").
+knob-dependent stages no cache can skip (the bound quoted in docs/caching.md).
 
 Runs the `bench/stage_cache.py` trial twice on a fresh cache folder (cold, then warm) and, in the warm
 run, times with wrappers: each unit's FP capture pass (`carsam.recon.block_io._capture_pass` in FP mode),

@@ -26,7 +26,7 @@ from carsam.quant.adaround import enable_adaround_
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import UniformQuantizer
 from carsam.quant.state import set_quant_prob
-from carsam.recon.block_io import build_unit_cache
+from carsam.recon.block_io import capture_block_io
 from carsam.recon.stage import ReconSettings, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
 
@@ -38,7 +38,7 @@ def prepare(unit_index: int, calib_images: int, device: torch.device):
     quantize_(sam, config.quant)
     calibrate_(sam, calib)
     unit = find_units(sam, "attention_mlp")[unit_index]
-    cache = build_unit_cache(sam, unit, calib, inputs="quantized")
+    block_io = capture_block_io(sam, unit, calib, inputs="quantized")
     module = unit.module(sam)
     for _, layer in quantized_weight_modules(module):
         enable_adaround_(layer)
@@ -46,7 +46,7 @@ def prepare(unit_index: int, calib_images: int, device: torch.device):
         if isinstance(m, UniformQuantizer) and m.ch_axis is None:
             m.make_scale_learnable()
     set_quant_prob(module, 0.5)
-    return sam, unit, cache
+    return sam, unit, block_io
 
 
 def main() -> None:
@@ -58,26 +58,26 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    sam, unit, cache = prepare(args.unit, args.calib_images, device)
+    sam, unit, block_io = prepare(args.unit, args.calib_images, device)
     start_state = copy.deepcopy(unit.module(sam).state_dict())
     settings = ReconSettings.from_config(ReconConfig(iters=args.steps))
     for fn in (reconstruct_unit_plain, reconstruct_unit):  # warm-up: first-call costs out of the timings
         unit.module(sam).load_state_dict(start_state)
-        fn(sam, unit, cache, ReconSettings.from_config(ReconConfig(iters=10)))
+        fn(sam, unit, block_io, ReconSettings.from_config(ReconConfig(iters=10)))
     times: dict[str, list[float]] = {"plain": [], "lightning": []}
     curves = {}
     for _ in range(args.repeats):
         for name, fn in (("plain", reconstruct_unit_plain), ("lightning", reconstruct_unit)):
             unit.module(sam).load_state_dict(start_state)
-            result = fn(sam, unit, cache, settings)
+            result = fn(sam, unit, block_io, settings)
             times[name].append(result.seconds_per_step)
             curves[name] = result.curve["total"]
     plain, light = statistics.median(times["plain"]), statistics.median(times["lightning"])
     max_diff = max(abs(a - b) for a, b in zip(curves["plain"], curves["lightning"]))
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"threads: {torch.get_num_threads()}")
-    print(f"unit: {unit.name}; cache: {len(cache)} samples, {cache.num_prompts} boxes, "
-          f"{cache.nbytes / 2**20:.1f} MiB; steps: {args.steps} x {args.repeats} repeats")
+    print(f"unit: {unit.name}; block_io: {len(block_io)} samples, {block_io.num_prompts} boxes, "
+          f"{block_io.nbytes / 2**20:.1f} MiB; steps: {args.steps} x {args.repeats} repeats")
     print(f"plain loop : {plain * 1e3:.3f} ms/step  (runs: {', '.join(f'{t * 1e3:.3f}' for t in times['plain'])})")
     print(f"lightning  : {light * 1e3:.3f} ms/step  (runs: {', '.join(f'{t * 1e3:.3f}' for t in times['lightning'])})")
     print(f"ratio lightning / plain: {light / plain:.3f}x (target <= 1.15x)")

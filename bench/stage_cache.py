@@ -1,16 +1,16 @@
 """One decoder-knob sweep trial on the testbed with a cold and with a warm stage cache (FP image embeddings
 and PTQ4SAM's prepared quantized model).
 
-The trial is what `make sweep` runs (`sweeps/carsam_quick.py`): CAR-SAM W4A4 with the image encoder in
-full precision, 50 reconstruction steps per unit, 8 calibration and 60 val images, at one fixed point
-of its space (diagnostics on, W&B off). Per repeat: a run with `cache.enabled=false` (off: every
-encoder pass and the preparation run, as before stage caching), a run on an empty cache folder (cold:
-each image is encoded once and written, later passes of the same run read it back; the preparation
-runs and is written), then the same run again (warm: every embedding and the preparation are read
-back). The three runs must give identical metrics. Printed: wall and CPU seconds (medians over
-repeats), the off/warm and cold/warm ratios, the per-stage timings of the records, the cache counts and the seconds the caches spent on hits (key + read) and misses (key +
-compute + write): (hits + misses) x the embedding miss cost is what the encoder costs the run, and the
-prepared miss seconds are what the preparation costs it.
+The trial is what `make sweep` runs (`sweeps/carsam_quick.py`): CAR-SAM W4A4 with the image encoder in full
+precision, 50 reconstruction steps per unit, 8 calibration and 60 val images, at one fixed point of its space
+(diagnostics on, W&B off). Per repeat: a run with `cache.enabled=false` (off: every encoder pass and the preparation
+run, as before stage caching), a run on an empty cache folder (cold: each image is encoded once and written, later
+passes of the same run read it back; the preparation runs and is written), then the same run again (warm: every
+embedding and the preparation are read back). The three runs must give identical metrics. Printed: wall and CPU
+seconds (medians over repeats), the off/warm and cold/warm ratios, the per-stage timings of the records, the cache
+counts and the seconds the caches spent on hits (key + read) and misses (key + compute + write): (hits + misses) x
+the embedding miss cost is what the encoder costs the run, and the prepared miss seconds are what the preparation
+costs it.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/stage_cache.py --repeats 2
 """

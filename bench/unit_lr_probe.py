@@ -1,9 +1,9 @@
 """Hard-rounded loss of one decoder reconstruction unit from its RTN start, for one AdaRound setting.
 
-The README's `recon.alpha_lr` evidence: the shipped testbed, W4A4 with MSE activation ranges, decoder
+The `recon.alpha_lr` evidence of docs/results.md: the shipped testbed, W4A4 with MSE activation ranges, decoder
 quantized only; unit `UNIT` of the `attention_mlp` grouping (1: layers.0 token->image, 2: layers.0 MLP,
 3: layers.0 image->token) reconstructed for ITERS steps (BRECQ: AdaRound only) at AdaRound lr LR;
-prints the unit's mean MSE on its cache before (RTN) and after (hard rounding).
+prints the unit's mean MSE on its block_io before (RTN) and after (hard rounding).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/unit_lr_probe.py UNIT ITERS LR
 """
@@ -18,7 +18,7 @@ import torch
 from carsam.config import ReconConfig, resolve
 from carsam.methods.calibrate import quantize_calibrate_
 from carsam.pipeline import load_datasets
-from carsam.recon.block_io import build_unit_cache, cached_unit_loss
+from carsam.recon.block_io import block_io_loss, capture_block_io
 from carsam.recon.driver import UnitRecipe, reconstruct_model_
 from carsam.recon.units import find_units
 from carsam.run_context import RunContext
@@ -32,12 +32,12 @@ def main(unit_index: int, iters: int, alpha_lr: float) -> None:
     sam = build_testbed_from_checkpoint(TESTBED_CHECKPOINT)
     quantize_calibrate_(sam, calib, config, RunContext())
     unit = find_units(sam, "attention_mlp")[unit_index]
-    cache = build_unit_cache(sam, unit, calib, inputs="quantized")
-    rtn = cached_unit_loss(sam, cache)
+    block_io = capture_block_io(sam, unit, calib, inputs="quantized")
+    rtn = block_io_loss(sam, block_io)
     start = time.perf_counter()
     reconstruct_model_(sam, calib, ReconConfig(iters=iters, alpha_lr=alpha_lr, track_interference=False),
                        UnitRecipe(), units=[unit])
-    print(f"{unit.name} iters={iters} alpha_lr={alpha_lr}: RTN {rtn:.5f} -> {cached_unit_loss(sam, cache):.5f} "
+    print(f"{unit.name} iters={iters} alpha_lr={alpha_lr}: RTN {rtn:.5f} -> {block_io_loss(sam, block_io):.5f} "
           f"({time.perf_counter() - start:.0f} s)")
 
 

@@ -18,9 +18,16 @@ from typing import Any, TypeVar
 import yaml
 
 from carsam.data.coco import PROMPT_SOURCES
+from carsam.diagnostics.collector import SCOPES as COLLECTOR_SCOPES
+from carsam.methods.mac import ORDERS as MAC_ORDERS
+from carsam.methods.mac import STEPS as MAC_STEPS
+from carsam.methods.mac import TARGETS as MAC_TARGETS
 from carsam.methods.registry import method_names
 from carsam.models.quantize import QuantConfig
 from carsam.models.sam import REAL_MODEL_TYPES
+from carsam.recon.block_io import INPUT_SOURCES
+from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
+from carsam.tracking import MODES as TRACKER_MODES
 
 T = TypeVar("T")
 
@@ -94,9 +101,9 @@ class DataConfig:
         return not self.images
 
 
-RECON_GROUPINGS = ("attention_mlp", "block", "pair", "chain")  # decoder groupings (carsam.recon.units.GROUPINGS)
-RECON_ENCODER_GROUPINGS = ("encoder_block", "none")
-RECON_INPUTS = ("fp", "quantized")  # carsam.recon.block_io.INPUT_SOURCES
+RECON_GROUPINGS = DECODER_GROUPINGS
+RECON_ENCODER_GROUPINGS = (*ENCODER_GROUPINGS, "none")  # none: encoder weights keep their RTN rounding
+RECON_INPUTS = INPUT_SOURCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +111,17 @@ class ReconConfig:
     """Block reconstruction of the `brecq`, `qdrop` and `ptq4sam` methods (carsam.recon.driver).
 
     `grouping` picks the decoder units (`attention_mlp`: PTQ4SAM's, or `block`); `encoder_grouping` the
-    image-encoder units when the encoder is quantized (`encoder_block`, or `none`: encoder weights keep
-    their RTN rounding). `iters` per unit defaults to 500 so the testbed rows run in minutes on a CPU;
-    the paper protocol is `recon.iters=20000 recon.alpha_lr=0.001` (`experiments/*_paper.yaml`).
-    `alpha_lr` defaults to 1e-2, not the paper's 1e-3: Adam moves each AdaRound `alpha` by at most about
-    `lr` per step, so with 500 steps at 1e-3 a rounding can only flip where the residual is near 1/2
-    (the measurement behind this choice: docs/results.md, `bench/unit_lr_probe.py`). `quant_prob` is
-    QDrop's keep probability during a unit's reconstruction (reset to 1 everywhere afterwards); `inputs` is where the unit inputs come from
-    (`quantized`: the partly reconstructed quantized model, as BRECQ/QDrop do). `agq_encoder`: also give
-    the image-encoder attentions AGQ's log quantizer (ptq4sam; off: the decoder's only).
-    `track_interference`: after each decoder unit, record the quantized model's queries/keys error at
-    every decoder step on `interference_images` calibration images (the oscillation diagnostic).
+    image-encoder units when the encoder is quantized (`encoder_block`, or `none`: encoder weights keep their RTN
+    rounding). `iters` per unit defaults to 500 so the testbed rows run in minutes on a CPU; the paper protocol is
+    `recon.iters=20000 recon.alpha_lr=0.001` (`experiments/*_paper.yaml`). `alpha_lr` defaults to 1e-2, not the
+    paper's 1e-3: Adam moves each AdaRound `alpha` by at most about `lr` per step, so with 500 steps at 1e-3 a
+    rounding can only flip where the residual is near 1/2 (the measurement behind this choice: docs/results.md,
+    `bench/unit_lr_probe.py`). `quant_prob` is QDrop's keep probability during a unit's reconstruction (reset to 1
+    everywhere afterwards); `inputs` is where the unit inputs come from (`quantized`: the partly reconstructed
+    quantized model, as BRECQ/QDrop do). `agq_encoder`: also give the image-encoder attentions AGQ's log quantizer
+    (ptq4sam; off: the decoder's only). `track_interference`: after each decoder unit, record the quantized model's
+    queries/keys error at every decoder step on `interference_images` calibration images (the oscillation
+    diagnostic).
     """
 
     grouping: str = "attention_mlp"
@@ -149,9 +156,7 @@ class ReconConfig:
             raise ConfigError(f"recon.warmup must be in [0, 1), got {self.warmup}")
 
 
-MAC_VARIANTS = ("qk", "pv", "both")
-MAC_TARGETS = ("token_to_image", "decoder", "all")  # t2i attentions only / every decoder attention / + encoder
-MAC_ORDERS = ("before", "after")  # relative to reconstruction
+MAC_VARIANTS = tuple(MAC_STEPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,10 +167,14 @@ class MacConfig:
     scores), `pv` (v_proj so that P_hat V' matches P V), or `both`. `strength` alpha in [0, 1]:
     W <- W + alpha * dW. `damping`: ridge lambda relative to the mean diagonal of the normal matrix
     (GPTQ's 1%). `targets`: which attentions. `order`: before or after reconstruction.
+
+    The defaults are carsam's CAR-SAM reading (MAC-QK at full strength on the token->image attentions,
+    before reconstruction), chosen on the decoder-only W4A4 testbed ablation (docs/results.md); the
+    `carsam` experiment files rely on them and `make sweep` searches around them.
     """
 
     enabled: bool = False
-    variant: str = "both"
+    variant: str = "qk"
     strength: float = 1.0
     damping: float = 0.01
     targets: str = "token_to_image"
@@ -182,7 +191,7 @@ class MacConfig:
             raise ConfigError(f"mac.damping must be >= 0 (relative to the mean diagonal), got {self.damping}")
 
 
-JCAR_GROUPINGS = ("block", "pair", "chain")  # carsam.recon.units.GROUPINGS
+JCAR_GROUPINGS = JOINT_GROUPINGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,11 +201,14 @@ class JcarConfig:
     When enabled, the decoder units are `grouping`'s (instead of `recon.grouping`) and each unit's loss is
     `w_tokens * MSE(queries) + w_image * MSE(keys)`, each a per-stream mean (7 token rows per box vs
     thousands of image rows); `variance_weighting` also divides each stream's MSE by the variance of its
-    FP target over the unit's cache (a relative error).
+    FP target over the unit's block I/O (a relative error).
+
+    The defaults (chain units, equal stream weights, no variance weighting) are carsam's reading, chosen on
+    the decoder-only W4A4 testbed ablation (docs/results.md).
     """
 
     enabled: bool = False
-    grouping: str = "pair"
+    grouping: str = "chain"
     w_tokens: float = 1.0
     w_image: float = 1.0
     variance_weighting: bool = False
@@ -209,8 +221,8 @@ class JcarConfig:
                               f"{self.w_tokens}, {self.w_image}")
 
 
-TRACKING_MODES = ("offline", "online", "disabled")  # carsam.tracking.MODES
-DIAGNOSTIC_SCOPES = ("decoder", "encoder")  # carsam.diagnostics.collector.SCOPES
+TRACKING_MODES = TRACKER_MODES
+DIAGNOSTIC_SCOPES = COLLECTOR_SCOPES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -146,13 +146,13 @@ def _evaluate(sam: torch.nn.Module | None, data: DataSets, context: RunContext) 
     return evaluate(sam, data.val, progress=context.progress, source=context.embeddings)
 
 
-def _keep_for_diagnostics(config: RunConfig, sam: torch.nn.Module | None, data: DataSets,
+def _keep_for_diagnostics(config: RunConfig, sam: torch.nn.Module | None, data: DataSets, images: list[int],
                           context: RunContext) -> contextlib.AbstractContextManager[None]:
-    """Keep the quantized embeddings of the diagnostics images from evaluation to the diagnostics, so their
+    """Keep the quantized embeddings of the diagnostics `images` from evaluation to the diagnostics, so their
     quantized pass does not encode them again (`EmbeddingStore.keep_quantized`); a no-op without a store."""
     if sam is None or context.embeddings is None or not config.diagnostics.enabled:
         return contextlib.nullcontext()
-    return context.embeddings.keep_quantized(sam, data.val, diagnostic_images(data.val, config.diagnostics.images))
+    return context.embeddings.keep_quantized(sam, data.val, images)
 
 
 def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunContext
@@ -182,7 +182,8 @@ def _record_evaluation(record: RunRecord, result: EvalResult, device: torch.devi
 
 
 def _diagnose(config: RunConfig, method: Method, record: RunRecord, run_dir: Path, sam: torch.nn.Module | None,
-              data: DataSets, recon: ReconReport | None, context: RunContext) -> pd.DataFrame | None:
+              data: DataSets, images: list[int], recon: ReconReport | None, context: RunContext
+              ) -> pd.DataFrame | None:
     """Write the run's `diagnostics.parquet` and add its `diag/*` metrics to `record`.
 
     A failure here is logged as a warning and stored in `record.details["diagnostics"]["error"]`: the
@@ -193,7 +194,7 @@ def _diagnose(config: RunConfig, method: Method, record: RunRecord, run_dir: Pat
     try:
         with _timed(record.timings, "diagnostics"):
             result = diagnose_run(config, record.run_id, run_dir, sam, data.val, recon, method.quantized,
-                                  source=context.embeddings)
+                                  images=images, source=context.embeddings)
     except Exception as err:  # noqa: BLE001 - the run's metrics are already measured; keep them
         logger.warning("diagnostics failed (%s: %s); the run's metrics are kept", type(err).__name__, err)
         record.details["diagnostics"] = {"error": f"{type(err).__name__}: {err}"}
@@ -272,13 +273,14 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     start = time.perf_counter()
     try:
         sam, data, recon = _execute(config, method, record, context)
-        with _keep_for_diagnostics(config, sam, data, context):
+        images = diagnostic_images(data.val, config.diagnostics.images)
+        with _keep_for_diagnostics(config, sam, data, images, context):
             with _timed(record.timings, "evaluate"):
                 result = _evaluate(sam, data, context)
             _record_evaluation(record, result, resolve_device(config.device))
             _record_cache(record, context)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
-            diagnostics = _diagnose(config, method, record, run_dir, sam, data, recon, context)
+            diagnostics = _diagnose(config, method, record, run_dir, sam, data, images, recon, context)
     except BaseException as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
         raise

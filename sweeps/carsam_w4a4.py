@@ -4,7 +4,7 @@ the JCAR loss weights and grouping, and the reconstruction length, searched by T
     carsam sweep sweeps/carsam_w4a4.py --trials 40
 
 One trial is one decoder-only CAR-SAM run on the testbed: about 5 min on 2 cores at recon.iters=500
-(README, "+ both" row), roughly proportional to recon.iters.
+(docs/results.md, "+ both" row), roughly proportional to recon.iters.
 """
 
 EXPERIMENT = "../experiments/carsam_w4a4.yaml"

@@ -11,7 +11,7 @@ from torch import nn
 from carsam.data.synthetic import SyntheticSpec
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import quant_modes_set
-from carsam.recon.block_io import UnitCache
+from carsam.recon.block_io import BlockIO
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,8 @@ def write_json(path: Path, obj: object) -> Path:
     return path
 
 
-def rerun_fp(sam: nn.Module, cache: UnitCache) -> list[tuple[torch.Tensor, ...]]:
+def rerun_fp(sam: nn.Module, block_io: BlockIO) -> list[tuple[torch.Tensor, ...]]:
     """The unit's outputs on each cached sample's inputs with every quantizer of `sam` in FP mode."""
-    unit = cache.unit
+    unit = block_io.unit
     with quant_modes_set(sam, QuantMode.FP), torch.no_grad():
-        return [unit.run(unit.module(sam), s.args, s.kwargs) for s in cache.samples]
+        return [unit.run(unit.module(sam), s.args, s.kwargs) for s in block_io.samples]

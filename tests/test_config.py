@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from carsam.config import ConfigError, RunConfig, dump_yaml, from_dict, parse_override, resolve, to_dict
+from carsam.config import (
+    ConfigError,
+    JcarConfig,
+    MacConfig,
+    RunConfig,
+    dump_yaml,
+    from_dict,
+    parse_override,
+    resolve,
+    to_dict,
+)
 
 
 def _write(tmp_path, text: str):
@@ -100,3 +111,25 @@ def test_missing_or_malformed_experiment_file_raises(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().seed = 3  # type: ignore[misc]
+
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+def test_the_experiments_folder_is_not_empty():
+    assert len(EXPERIMENTS) >= 20
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_shipped_experiment_resolves_and_round_trips(path, tmp_path):
+    config = resolve(path)
+    assert config.name == path.stem
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_yaml(config))
+    assert resolve(again) == config  # the dumped config names itself
+
+
+@pytest.mark.parametrize("bits", ["w4a4", "w6a6"])
+def test_carsam_experiments_run_mac_and_jcar_at_the_code_defaults(bits):
+    config = resolve(Path(__file__).resolve().parents[1] / "experiments" / f"carsam_{bits}.yaml")
+    assert config.mac == MacConfig(enabled=True) and config.jcar == JcarConfig(enabled=True)

@@ -43,7 +43,7 @@ def test_seed_changes_the_calibration_subset_but_never_the_evaluation_set(small_
 
 def test_a_method_leaving_quantizers_in_calibrate_mode_cannot_be_evaluated(tmp_path, small_coco,
                                                                         random_testbed_checkpoint):
-    def leaky(sam, calib, config):
+    def leaky(sam, calib, config, context):
         quantize_(sam, config.quant)
         set_quant_mode(sam, QuantMode.CALIBRATE)
         return {}
@@ -63,7 +63,7 @@ def test_a_quantizer_left_stochastic_cannot_be_evaluated(tmp_path, small_coco, r
     from carsam.quant.state import set_quant_prob
     from carsam.run_context import RunContext
 
-    def half_dropped(sam, calib, config):
+    def half_dropped(sam, calib, config, context):
         details = quantize_calibrate_(sam, calib, config, RunContext())
         set_quant_prob(sam, 0.5)  # QDrop's training-time setting, as PTQ4SAM's code left it
         return details

@@ -1,39 +1,21 @@
-"""Stage caching: on-disk FP image embeddings, shared by the trials and worker processes of a sweep.
+"""On-disk FP image embeddings (`EmbeddingStore`), shared by the runs, trials and workers of a study.
 
-What is cached: the image encoder's output for one calibration or evaluation image (`ImageEmbedding`:
-features `(1, 256, g, g)` plus the resized input size and the original size), computed by the *FP*
-encoder. It is read or written only while the encoder is FP (`encoder_is_fp`: every quantizer of
-`sam.image_encoder` in FP mode, or none there, and every encoder Parameter that a method changed in
-place holding its original value, as inside `quant_modes_set(model, QuantMode.FP)`) and nothing
-watches it run (`encoder_is_hooked`: a forward hook on the encoder or inside it, as the reconstruction
-caches of encoder units, MAC on encoder attentions and the encoder-scope diagnostics register, or a
-global module hook); otherwise the encoder runs as without a cache (`bypassed`). So
+An entry is the *FP* image encoder's output for one dataset image (`ImageEmbedding`: features
+`(1, 256, g, g)` plus the resized input size and the original size; 4 MiB on real SAM, 256 x 64 x 64
+float32). The pipeline builds one store per run (`RunContext.embeddings`, None with `cache.enabled=false`)
+and hands it to every `SamBoxPredictor(..., source=...)`, whose `embed_image` asks it (`embed`). It is read
+or written only while the encoder computes the FP encoder (`encoder_is_fp`: every encoder quantizer in FP
+mode, or none, and every Parameter a method changed in place holding its original value) and nothing
+hooks it (`encoder_is_hooked`: the block-I/O capture of encoder units, MAC on encoder attentions, the
+encoder-scope diagnostics, a global module hook); otherwise the pass encodes and counts as `bypassed`.
+Quantized embeddings are never stored; `keep_quantized` memoises them in memory (evaluation -> diagnostics).
 
-- `quant.quantize_encoder=false` runs and the `fp` method read the cache for every encoder pass
-  (calibration, MAC, reconstruction caches, interference, evaluation, diagnostics);
-- runs with a quantized encoder read it only in their FP passes (reconstruction targets, MAC's and
-  the diagnostics' FP pass, PTQ4SAM's FP statistics); their quantized passes (calibration, which
-  observes the encoder's activations, and evaluation) encode as before and never touch the cache.
-  Quantized embeddings depend on everything that quantized the encoder (bits, observers, calibration
-  subset, seed, reconstruction); they are not cached.
-
-Key: SHA-256 of a canonical JSON of exactly what the embedding depends on (`embedding_key_fields`):
-`CACHE_FORMAT`; the model type and the checkpoint's SHA-256; the encoder's architecture as built
-(img_size, patch size, per block heads and window, pixel mean/std, parameter dtype) - the
-preprocessing is `ResizeLongestSide(img_size)`, normalisation and padding; the device type (and GPU
-name and TF32 flags on CUDA), torch's float32 matmul precision, and the torch, Pillow and
-segment-anything versions (the resize and the kernels); and the SHA-256 of the image file's bytes
-(memoised on path, size and mtime, so a touched file is re-hashed and still hits, a replaced one
-misses). Not in the key: the CPU thread count (a different count may change the last bits of a
-recomputed embedding; a cached one is still an exact FP embedding of the image). Decoder knobs,
-bits, methods and seeds are not in the key, so a sweep over them encodes each image once.
-
-Files: `<dir>/embeddings/<key[:2]>/<key>.pt` (`torch.save` of plain tensors/ints, read back with
-`weights_only=True`), written to a temporary file and renamed (`carsam.files.replace_atomic`), so
-concurrent workers never read a torn file; two writers of one key each leave a complete file. A file
-that cannot be read or does not hold what its name says is a miss: a warning, then it is recomputed
-and rewritten. Sizes: 256 KiB per image on the testbed, 4 MiB on real SAM (vit_b/l/h: 256 x 64 x 64
-float32). Delete the folder to reclaim the space; `cache.enabled=false` turns caching off.
+The key is the SHA-256 of exactly what an FP embedding depends on (`embedding_key_fields`: format, model
+type and checkpoint hash, the encoder's architecture and preprocessing, device and numerics, the image
+file's bytes), so decoder knobs, bits, methods and seeds share one entry per image. Entries live at
+`<dir>/embeddings/<key[:2]>/<key>.pt` and are written atomically (`carsam.cache.store.EntryStore`); an
+unreadable or mismatched entry is a miss (a warning, then recomputed and rewritten). The full key
+table and when each pass reads the store: docs/caching.md.
 """
 
 from __future__ import annotations

@@ -1,43 +1,23 @@
-"""Stage caching, second stage: the *prepared* quantized model (PTQ4SAM's preparation) on disk.
+"""On-disk prepared quantized models (`PreparedStore`): knob-free stages restored instead of recomputed.
 
-PTQ4SAM's preparation (`carsam.methods.ptq4sam.prepare_ptq4sam_`: quantize, BIG sign folding, AGQ log
-softmax quantizers, calibration of every range) is what PTQ4SAM and CAR-SAM runs do before MAC and
-reconstruction. It depends on the model, the quantization config, the calibration set and the code,
-not on any MAC, JCAR or reconstruction knob, so a sweep over those knobs prepares once and every later
-trial or worker restores the result. With a quantized image encoder this includes the encoder's
-calibration passes, the most expensive knob-free work of such a run.
+Two stages go through `PreparedStore.prepare`: `ptq4sam` (`carsam.methods.ptq4sam.prepare_ptq4sam_`:
+quantize, BIG, AGQ, calibrate every range; what PTQ4SAM and CAR-SAM runs do first) and `recon_encoder`
+(the image-encoder units, `carsam.recon.driver.reconstruct_encoder_units_`). The pipeline builds one store
+per run (`RunContext.prepared`); None computes every stage. An entry (`<dir>/prepared/<key[:2]>/<key>.pt`,
+written atomically) holds the `state_dict` entries of the stage's `scope` that it created or changed (every
+quantizer entry, and every Parameter new or written, `parameter_identity`), its `details`, and the global
+RNG state after it, so a restored run is bit-identical to a computed one. Restoring runs the caller's
+`rebuild(details)` (the module structure), loads the entries (checked), sets every quantizer QUANTIZED
+and sets the RNG state.
 
-What is stored (`<dir>/prepared/<key[:2]>/<key>.pt`, `torch.save` of tensors, ints, strings and lists,
-read back with `weights_only=True`, written atomically):
-- `state`: the `state_dict` entries that preparation created or changed: every entry the FP model did
-  not have (quantizer qparams and the log quantizers' tau as extra state) and every Parameter that was
-  changed in place (BIG's folded `q_proj`/`k_proj`, found by the Parameter's version counter);
-- `details`: the preparation's record (`big`, `agq`, counts) as JSON text, returned as on the first run;
-- `rng_after`: the global torch RNG state after preparation (CPU, plus CUDA on a GPU), so that the
-  random draws after it (QDrop) are those of an uncached run. Together with the key's `rng_before`
-  this makes a restored run bit-identical to a computed one (tested on whole-run metrics).
-
-Restoring: the caller's `rebuild(details)` recreates the module structure (`quantize_` and the AGQ
-swaps), then the stored entries are loaded (`load_state_dict`, checked: no unexpected key, and every
-entry the rebuilt model has beyond the FP model's must be in the file), every quantizer is set
-QUANTIZED and must be calibrated, and the RNG state is set. An entry that cannot be read is a miss: a
-warning, then preparation runs and the entry is rewritten. One that reads but does not fit the rebuilt
-model (only a hand-edited file can: the key holds the code and the model structure) stops the run with
-an error naming the file, since the model is already half restored.
-
-Key: SHA-256 of a canonical JSON of exactly what preparation depends on (`prepared_key_fields`): the
-format; the stage name and its config fields (`config.quant` in full, `recon.agq_encoder`); the model
-type, checkpoint SHA-256 and the FP model's structure (module classes, parameter and buffer names,
-shapes and dtypes); the calibration set in order (each image file's SHA-256 and its prompt boxes); the
-device, matmul precision and library versions (`carsam.cache.embeddings.numerics_fields`, plus Lightning
-and numpy); the SHA-256 of
-carsam's own source files (any code change invalidates every entry: ranges come from carsam's
-observers); and the RNG state on entry. Bits are in the key, so a sweep over bits prepares once per
-bit pair; `mac.*`, `jcar.*` and `recon.*` (but `agq_encoder`) are not.
-
-Not cached: a model without a checkpoint file to hash, a calibration image that cannot be hashed, and
-a preparation that left Parameters with FP references (`carsam.quant.fp_reference`, non-persistent
-buffers a restore would lose) are run as without a cache (`bypassed`).
+The key is the SHA-256 of exactly what the stage depends on (`prepared_key_fields`: format, stage name
+and config fields, model and FP structure, the calibration set in order, numerics, carsam's source files,
+the RNG state on entry); `mac.*`, `jcar.*` and `recon.grouping` are in no key. An unreadable entry is a
+miss (a warning; the stage runs and rewrites it); one that reads but does not fit the rebuilt model stops
+the run with an error naming the file. A stage that cannot be keyed (no checkpoint file to hash, an
+unhashable calibration image) runs as without a store (`bypassed`); one that leaves FP references
+(`carsam.quant.fp_reference`, which a restore would lose) runs but is not stored. Full key table:
+docs/caching.md.
 """
 
 from __future__ import annotations

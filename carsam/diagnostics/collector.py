@@ -8,7 +8,7 @@ first input, before the probability quantizer, so P is a distribution in both pa
 keeps P on the CPU; the quantized pass compares each call with the FP call of the same attention and
 order, accumulates the statistics and drops both. Memory holds one image's FP probabilities (small
 in the decoder; for the encoder scope on real SAM, its global-attention blocks dominate, e.g.
-~0.8 GB per block of SAM-B in float32).
+12 heads x 4096 x 4096 float32, about 0.8 GB, per global block of SAM-B).
 
 Attentions (the `module` label; `layer` its index in call order):
 - `decoder.self_attn`, `decoder.token_to_image`, `decoder.image_to_token` of decoder layer i; the

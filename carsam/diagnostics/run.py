@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +70,13 @@ def recon_frames(recon: ReconReport | None, window: int) -> list[pd.DataFrame]:
 
 def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Module | None,
                  val: CocoBoxPrompts, recon: ReconReport | None, quantized: bool, *,
-                 source: EmbeddingSource | None = None) -> RunDiagnostics:
+                 images: Sequence[int] | None = None, source: EmbeddingSource | None = None) -> RunDiagnostics:
     """Collect, write `run_dir/diagnostics.parquet` and summarise this run's diagnostics.
 
     sam: the evaluated model (None for model-free methods); attention statistics need it quantized.
     recon: the method's reconstruction report (None if it reconstructs nothing): the loss curves and
-    interference. source: where the attention passes get image embeddings (None: encode).
+    interference. images: the val images of the attention statistics (None: `diagnostic_images` of
+    `diagnostics.images`). source: where the attention passes get image embeddings (None: encode).
     """
     settings = config.diagnostics
     frames: list[pd.DataFrame] = []
@@ -82,7 +84,7 @@ def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Mo
     start = time.perf_counter()
     scopes = quantized_scopes(config) if quantized and sam is not None else []
     if scopes:
-        images = diagnostic_images(val, settings.images)
+        images = diagnostic_images(val, settings.images) if images is None else list(images)
         frames.append(collect_attention_stats(sam, val, images, scopes, iou_threshold=settings.iou_threshold,
                                               source=source))
         info.update(images=images, scopes=scopes)

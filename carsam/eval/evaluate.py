@@ -73,7 +73,8 @@ def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None
              source: EmbeddingSource | None = None, max_boxes_per_batch: int = 64) -> EvalResult:
     """Run `sam` on the set's prompts (mAP) and GT boxes (mIoU): one encoder pass per image.
 
-    `source` may serve the image embeddings (the run's on-disk cache of FP embeddings; None: the encoder).
+    `source` may serve the image embeddings (the run's `context.embeddings`, the on-disk store of FP
+    embeddings; None: the encoder).
     `max_images` evaluates the first images of the set only (mAP then covers just those).
     """
     predictor = SamBoxPredictor(sam, max_boxes_per_batch, source=source)

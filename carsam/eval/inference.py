@@ -2,7 +2,7 @@
 
 This mirrors the math of `segment_anything.SamPredictor` for the protocol's case (box prompts,
 `multimask_output=False`, mask = upsampled logits > `sam.mask_threshold`) but keeps the image
-embedding as a value (`ImageEmbedding`) rather than predictor state, so that callers can cache it.
+embedding as a value (`ImageEmbedding`) rather than predictor state, so that callers can store or reuse it.
 
 Every encoder pass over a dataset image goes through `SamBoxPredictor.embed_image(dataset, image_id)`.
 A predictor built with a `source` (the run's `carsam.cache.embeddings.EmbeddingStore`, handed down from
@@ -46,7 +46,8 @@ class ImageEmbedding:
 
 
 class EmbeddingSource(Protocol):
-    """Serves the embedding of one dataset image for `predictor` (e.g. from a cache; see the module docstring)."""
+    """Serves the embedding of one dataset image for `predictor` (e.g. the on-disk `EmbeddingStore`; see the
+    module docstring)."""
 
     def embed(self, predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int) -> ImageEmbedding: ...
 

@@ -18,9 +18,10 @@ The statistics (our reading; PTQ4SAM's paper does not pin them down):
   excess kurtosis; bimodal when `BC > 5/9` (the value of the uniform distribution; a Gaussian gives
   1/3, two well separated equal modes approach 1).
 
-Order in a run (docs/methods.md): calibrate -> BIG -> MAC -> reconstruction. Folding changes the weights
-of `q_proj`/`k_proj` and the distributions of Q and K, so their weight quantizers and the
-`qk_matmul` operand quantizers must be (re)calibrated after `fold_signs_`; it warns when they hold qparams.
+Order in a run (docs/methods.md, "PTQ4SAM: BIG and AGQ"): quantize -> BIG -> AGQ -> calibrate -> MAC and
+reconstruction. Folding changes the weights of `q_proj`/`k_proj` and the distributions of Q and K, so their
+weight quantizers and the `qk_matmul` operand quantizers must be (re)calibrated after `fold_signs_`; it
+warns when they hold qparams.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CAR-SAM: PTQ4SAM's quantizers and reconstruction + MatMul-Aware Compensation (MAC) + JCAR.
 
-Order of `apply_carsam` (docs/methods.md, "carsam's reading"):
+Order of `apply_carsam` (docs/methods.md, "CAR-SAM: our reading"):
 
 1. PTQ4SAM's preparation (`prepare_ptq4sam_`): quantize per `config.quant`, BIG sign folding, AGQ log
    softmax quantizers, calibrate every range;

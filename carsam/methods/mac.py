@@ -1,5 +1,5 @@
 """MatMul-Aware Compensation (MAC): closed-form corrections of q/k/v_proj so that the quantized
-attention MatMuls reproduce the FP ones (docs/methods.md, "carsam's reading"; the algebra, its exactness and
+attention MatMuls reproduce the FP ones (docs/methods.md, "CAR-SAM: our reading"; the algebra, its exactness and
 shapes are in `carsam.methods.mac_math`).
 
 FP quantities come from a pass with every quantizer in FP mode *and the original weights*
@@ -14,8 +14,9 @@ pass folds each call into the normal equations as it happens; only `(E+1)²`-siz
 operands of one attention are the same in all of its passes (the FP model never changes), so they are
 computed in its first pass and kept for the others (`FpCallMemo`, up to `FP_MEMO_BYTES`: about 15 MiB
 per image for a real-SAM token->image attention); a sample beyond the budget reruns its FP phase.
-Decoder attentions reuse each image's FP and quantized image embeddings (kept on CPU, about 4 MiB per
-image and phase on real SAM; `cache_embeddings`), which MAC on the decoder cannot change.
+Decoder attentions reuse each image's FP and quantized image embeddings, which MAC on the decoder cannot
+change: a per-call memo on CPU (`cache_embeddings`; 4 MiB per image and phase on real SAM, 256 x 64 x 64
+float32).
 
 Apply: `W ← W + strength·ΔW`, `b ← b + strength·Δb` (float weights); each changed Linear's *weight*
 quantizer is re-calibrated from the new weight (`calibrate_weight` + `finalize_calibration`). Activation
@@ -73,7 +74,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PHASES = ("fp", "quantized")
-STEPS = {"qk": ("q", "k"), "pv": ("v",), "both": ("q", "k", "v")}
+STEPS = {"qk": ("q", "k"), "pv": ("v",), "both": ("q", "k", "v")}  # per variant, the projections corrected
+TARGETS = ("token_to_image", "decoder", "all")  # t2i attentions only / every decoder attention / + encoder
+ORDERS = ("before", "after")  # relative to reconstruction
 ENCODER_Q_SKIPPED = "encoder: the relative-position term depends on the unquantized queries (see mac.py)"
 Attention = QuantDecoderAttention | QuantEncoderAttention
 Sample = Callable[[str], None]  # runs one calibration sample through the model in phase "fp" | "quantized"
@@ -317,7 +320,8 @@ def run_pairs(model: nn.Module, samples: Sequence[Sample], capture: StepCapture,
 
 def _run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int, encoder_only: bool,
                embeddings: dict[tuple[int, str], ImageEmbedding] | None, phase: str) -> None:
-    """One image as the protocol runs it (embed, decode all boxes), reusing a cached embedding if any."""
+    """One image as the protocol runs it (embed, decode all boxes), reusing the embedding memoised in
+    `embeddings` under `(image_id, phase)` if any (and memoising a new one there, on CPU)."""
     embedding = embeddings.get((image_id, phase)) if embeddings is not None else None
     if embedding is None:
         embedding = predictor.embed_image(calib, image_id)
@@ -451,7 +455,9 @@ def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
     do, so FP-mode passes before and after MAC run the FP model. Returns a JSON-serialisable record: the
     settings and, per attention path, per step, `solve_seconds`, `lambda` (per head for v), `dw_rel`
     (`‖ΔW‖/‖W‖` of the solved correction, before `strength`) and `score_error`/`output_error`
-    `_before`/`_after` (relative, over the calibration set). `source`: see `sam_samples`.
+    `_before`/`_after` (relative, over the calibration set). `cache_embeddings`: memoise the decoder
+    attentions' image embeddings per image and phase for this call (module docstring). `source`: see
+    `sam_samples` (the run's `context.embeddings`).
     """
     check_ready(sam)
     embeddings: dict[tuple[int, str], ImageEmbedding] | None = None

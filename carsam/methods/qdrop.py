@@ -1,10 +1,10 @@
 """Block-reconstruction baselines: `brecq` (AdaRound, activations fixed) and `qdrop` (+ LSQ + QDrop).
 
-Both quantize per `config.quant` and calibrate every range (`quantize_calibrate_`, RTN's starting point),
-then reconstruct the units of `config.recon` in data-flow order with the unit loop of
-`carsam.recon.driver`; they differ only in the per-unit recipe (`UnitRecipe`): BRECQ learns the
-rounding only, QDrop also learns the activation steps (LSQ) and drops activation quantization at random
-(keep probability `recon.quant_prob`) while a unit is optimised.
+Both quantize per `config.quant` and calibrate every range with its observers (`quantize_calibrate_`; the
+shipped experiments use MSE activation ranges, OMSE's, as QDrop's and PTQ4SAM's code do), then reconstruct the
+units of `config.recon` in data-flow order with the unit loop of `carsam.recon.driver`. They differ only in the
+per-unit recipe (`UnitRecipe`): BRECQ learns the rounding only; QDrop also learns the activation steps (LSQ) and
+drops activation quantization at random (keep probability `recon.quant_prob`) while a unit is optimised.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ def qdrop_recipe(config: RunConfig) -> UnitRecipe:
 
 
 def apply_brecq(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
-    """BRECQ: RTN ranges, then AdaRound unit by unit with the activation quantizers fixed."""
+    """BRECQ: calibrated ranges, then AdaRound unit by unit with the activation quantizers fixed."""
     details = quantize_calibrate_(sam, calib, config, context)
     details["recon"] = reconstruct_model_(sam, calib, config.recon, UnitRecipe(), context=context)
     return details
 
 
 def apply_qdrop(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
-    """QDrop: RTN ranges, then AdaRound + LSQ activation steps + QDrop (p = `recon.quant_prob`) per unit."""
+    """QDrop: calibrated ranges, then AdaRound + LSQ activation steps + QDrop (p = `recon.quant_prob`) per unit."""
     details = quantize_calibrate_(sam, calib, config, context)
     details["recon"] = reconstruct_model_(sam, calib, config.recon, qdrop_recipe(config), context=context)
     return details

@@ -1,6 +1,6 @@
 """`quantize_(sam, QuantConfig)`: swap quantized modules into a SAM, in place.
 
-What gets quantized (the published PTQ4SAM protocol, see docs/methods.md):
+What gets quantized (the published PTQ4SAM protocol, docs/methods.md, "The evaluation protocol"):
 - in `image_encoder`: every block's attention (twin: `qkv`, `proj`, both MatMuls), its MLP Linears,
   and the neck's two Conv2d (`QuantConv2d`: the protocol's FP list does not name the neck and
   PTQ4SAM's code quantizes both neck convs; keep it FP with `("image_encoder.neck", {"enabled": False})`);
@@ -204,7 +204,7 @@ def quantize_(sam: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
 def calibrate_weights_(model: nn.Module) -> nn.Module:
     """Feed every `QuantLinear`/`QuantConv2d` weight to its weight observer (no data needed).
 
-    The qparams are computed when the model is next switched to QUANTIZED (`set_quant_mode`).
+    The qparams are computed when the model is next switched to QUANTIZED (`carsam.quant.state.set_quant_mode`).
     """
     for _, module in quantized_weight_modules(model):
         module.calibrate_weight()

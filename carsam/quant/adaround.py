@@ -95,7 +95,11 @@ class AdaRoundQuantizer(QuantizerBase):
         return ((q - zero_point) * scale).to(w.dtype)
 
     def forward(self, w: Tensor) -> Tensor:
-        """FP/CALIBRATE: `w`; QUANTIZED: `rounded(w, self.soft)`. Shape preserved."""
+        """w: the layer's weight, e.g. `(out, in)` or `(out, in, kh, kw)` -> the same shape and dtype.
+
+        FP/CALIBRATE: `w`; QUANTIZED: `rounded(w, self.soft)`, with `alpha` of `w`'s shape and the frozen
+        `scale`/`zero_point` of the replaced quantizer: `(C,)`, `C = w.shape[ch_axis]`, per channel
+        (broadcast along `ch_axis`), or `()` per tensor."""
         if self.mode is not QuantMode.QUANTIZED:
             return w
         return self.rounded(w, self.soft)

@@ -102,7 +102,11 @@ class LogQuantizer(ObservingQuantizer):
         self.tau = validate_tau(tau)
 
     def forward(self, x: Tensor) -> Tensor:
-        """FP: `x`; CALIBRATE: observe (if learning the scale), return `x`; QUANTIZED: log-quantized `x`."""
+        """x: softmax probabilities, any shape (`(B, h, Nq, Nk)` in the decoder, `(B*h, HW, HW)` in the
+        encoder) -> the same shape and dtype; `scale` is per tensor, shape `()`.
+
+        FP: `x`; CALIBRATE: observe `x` (if learning the scale), return it; QUANTIZED: `log_fake_quantize(x)`
+        with a straight-through gradient, QDrop-mixed with `x` in training mode when `quant_prob < 1`."""
         if self.mode is QuantMode.FP:
             return x
         if self.mode is QuantMode.CALIBRATE:

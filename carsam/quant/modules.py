@@ -4,6 +4,11 @@
 names, so their state_dict keys are a superset of `nn.Linear`'s/`nn.Conv2d`'s and FP checkpoints
 load. Weights are calibrated from the weight itself (`calibrate_weight`), never from data: in
 CALIBRATE mode the weight is observed once (if its observer is empty) and passed through unchanged.
+
+Granularity, as `carsam.models.quantize.quantize_` builds the quantizers: weights per output channel
+(`ch_axis=0`: scale and zero point `(out,)`), inputs and MatMul operands per tensor (`()`). A weight
+quantizer may be swapped for an `AdaRoundQuantizer` during reconstruction, and `pv_matmul`'s
+probability quantizer for AGQ's `LogQuantizer`; `nn.Identity` leaves that operand in full precision.
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ class QuantLinear(_WeightQuantMixin, nn.Module):
         return cls(linear.weight, linear.bias, weight_quantizer, input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x `(..., in_features)` -> `(..., out_features)`.
+
+        `input_quantizer` sees `x` (per tensor: scale, zero point `()`); `weight_quantizer` sees the weight
+        `(out_features, in_features)` (per channel: scale, zero point `(out_features,)`); the bias stays FP.
+        """
         return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -91,6 +101,11 @@ class QuantConv2d(_WeightQuantMixin, nn.Module):
         return cls(conv, weight_quantizer, input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x `(B, C_in, H, W)` -> `(B, C_out, H', W')` (the wrapped conv's stride, padding, dilation, groups).
+
+        `input_quantizer` sees `x` (per tensor: `()` qparams); `weight_quantizer` sees the weight
+        `(C_out, C_in / groups, kH, kW)` (per channel: `(C_out,)` qparams); the bias stays FP.
+        """
         x, weight = self.input_quantizer(x), self.quantized_weight()
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -102,7 +117,7 @@ class QuantConv2d(_WeightQuantMixin, nn.Module):
 class QuantMatMul(nn.Module):
     """`lhs_quantizer(lhs) @ rhs_quantizer(rhs)`: a named MatMul whose inputs can be calibrated and hooked.
 
-    Shapes: lhs `(..., N, K)`, rhs `(..., K, M)` -> `(..., N, M)` (torch.matmul broadcasting).
+    Shapes: lhs `(..., M, K)`, rhs `(..., K, N)` -> `(..., M, N)` (torch.matmul broadcasting).
     """
 
     def __init__(self, lhs_quantizer: Quantizer, rhs_quantizer: Quantizer) -> None:
@@ -111,6 +126,14 @@ class QuantMatMul(nn.Module):
         self.rhs_quantizer = rhs_quantizer
 
     def forward(self, lhs: Tensor, rhs: Tensor) -> Tensor:
+        """lhs `(..., M, K)`, rhs `(..., K, N)` -> `(..., M, N)`; each operand quantized per tensor (`()` qparams).
+
+        In the attention twins (`carsam.models.adapters`): `qk_matmul`'s `lhs_quantizer` sees Q `(B, h, Nq, d)`
+        (encoder: `Q * d^-0.5`, `(B*h, HW, d)`) and its `rhs_quantizer` Kᵀ `(B, h, d, Nk)` (encoder:
+        `(B*h, d, HW)`); `pv_matmul`'s `lhs_quantizer` sees the softmax probabilities P `(B, h, Nq, Nk)`
+        (unsigned grid, or AGQ's `LogQuantizer`) and its `rhs_quantizer` V `(B, h, Nk, d)` (encoder:
+        `(B*h, HW, HW)` and `(B*h, HW, d)`).
+        """
         return self.lhs_quantizer(lhs) @ self.rhs_quantizer(rhs)
 
 

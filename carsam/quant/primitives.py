@@ -23,7 +23,7 @@ MAX_BITS = 16
 
 
 def validate_bits(bits: int, name: str = "bits") -> int:
-    """Return `bits` as an `int` if it is an integer in 2..16, else raise `ValueError`."""
+    """Return `bits` as an `int` if it is an integer in 2..16 (`bool` excluded), else raise `ValueError`."""
     is_int = isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
     if not is_int or not MIN_BITS <= int(bits) <= MAX_BITS:
         raise ValueError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
@@ -69,7 +69,8 @@ def qparams_from_range(
 def round_ste(x: Tensor) -> Tensor:
     """Round half to even in the forward pass; identity gradient (straight-through estimator).
 
-    The result equals `torch.round(x)` exactly (the correction `round(x) - x` is exact in floats).
+    `x` any shape -> the same shape and dtype. The result equals `torch.round(x)` exactly (the correction
+    `round(x) - x` is exact in floats).
     """
     return x + (torch.round(x) - x).detach()
 
@@ -77,7 +78,8 @@ def round_ste(x: Tensor) -> Tensor:
 def broadcast_to_axis(param: Tensor, ndim: int, ch_axis: int | None) -> Tensor:
     """Reshape a per-channel `param` of shape `(C,)` to broadcast along `ch_axis` of an `ndim` tensor.
 
-    A per-tensor `param` (`ch_axis=None`) is returned unchanged.
+    `(C,)` -> `ndim` dims, `C` at `ch_axis` and 1 elsewhere (e.g. `(C, 1, 1, 1)` for a conv weight at
+    `ch_axis=0`). A per-tensor `param` (`ch_axis=None`, shape `()`) is returned unchanged.
     """
     if ch_axis is None:
         return param
@@ -94,7 +96,8 @@ def fake_quantize(
 
     Args:
         x: any shape.
-        scale, zero_point: `()` per tensor (`ch_axis=None`), or `(C,)` with `C = x.shape[ch_axis]`.
+        scale, zero_point: `()` per tensor (`ch_axis=None`), or `(C,)` with `C = x.shape[ch_axis]`,
+            broadcast along `ch_axis` (`broadcast_to_axis`).
         qmin, qmax: the integer grid (see `integer_range`).
         ch_axis: channel axis of `x` for per-channel qparams, or None.
 

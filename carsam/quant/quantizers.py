@@ -1,17 +1,20 @@
-"""Quantizer modules and the model-wide mode toggles.
+"""Quantizer modules: the shared base, the uniform fake quantizer, and `iter_quantizers`.
 
 Every quantizer derives from `QuantizerBase` (the uniform one here, `LogQuantizer` in `logquant.py`,
 `AdaRoundQuantizer` in `adaround.py`), which is what `iter_quantizers` finds. A quantizer is in one of
 three modes (`QuantMode`): FP (identity), CALIBRATE (feed the input to its observer, return it
-unchanged) or QUANTIZED (fake-quantize with its qparams). `set_quant_mode` switches every quantizer of
-a model and finalizes the calibration of those with pending statistics when switching to QUANTIZED.
-Modes and QDrop's `quant_prob` are plain attributes, not state_dict entries.
+unchanged) or QUANTIZED (fake-quantize with its qparams); every `forward` returns a tensor of its
+input's shape. Modes and QDrop's `quant_prob` are plain attributes, not state_dict entries. The
+model-wide toggles live in `carsam.quant.state`: `set_quant_mode` (switching to QUANTIZED also
+finalizes pending calibrations), `quant_modes_set`, `set_quant_prob`, `assert_eval_ready`,
+`fp_weights`, `eval_no_grad`.
 
 QDrop (Wei et al. 2022): with `quant_prob < 1`, a QUANTIZED quantizer in training mode keeps each
 element's quantized value with probability `quant_prob` and its FP value otherwise (PTQ4SAM's "drop
 probability", 1.0 = always quantized). In eval mode, or at `quant_prob == 1`, the output is the
-deterministic quantized value. `assert_eval_ready` makes the PTQ4SAM evaluation bug (`quant_prob`
-left below 1 on some quantizers, see docs/methods.md) impossible to miss.
+deterministic quantized value. `carsam.quant.state.assert_eval_ready` makes the PTQ4SAM evaluation bug
+(`quant_prob` left below 1 on some quantizers; docs/methods.md, "The PTQ4SAM evaluation bug")
+impossible to miss.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ class QuantizerBase(nn.Module):
         """Turn pending statistics into qparams (no-op for quantizers without an observer)."""
 
     def qdrop(self, x: Tensor, x_q: Tensor) -> Tensor:
-        """QDrop mixing: `x_q` where a Bernoulli(`quant_prob`) draw succeeds, else `x` (same shape).
+        """QDrop mixing: `x_q` where a Bernoulli(`quant_prob`) draw succeeds, else `x`; `x`, `x_q` and the
+        result share one shape (one draw per element).
 
         Active only in training mode with `quant_prob < 1`; otherwise returns `x_q` unchanged. Draws use
         the global RNG (seeded by the caller, like dropout).
@@ -167,8 +171,14 @@ class UniformQuantizer(ObservingQuantizer):
 
 
     def forward(self, x: Tensor) -> Tensor:
-        """FP: `x`; CALIBRATE: observe `x`, return it; QUANTIZED: fake-quantized `x` (QDrop-mixed with
-        `x` in training mode when `quant_prob < 1`). Shape preserved."""
+        """x: any shape (an activation `(..., F)`, a MatMul operand, or a weight `(out, in[, kh, kw])`) ->
+        the same shape and dtype.
+
+        FP: `x`; CALIBRATE: observe `x` (per channel: statistics per index of `ch_axis`), return it;
+        QUANTIZED: `fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis)` with `scale`/`zero_point` of
+        shape `()` per tensor or `(C,)`, `C = x.shape[ch_axis]`, per channel (broadcast along `ch_axis`),
+        QDrop-mixed with `x` in training mode when `quant_prob < 1`. Raises RuntimeError in QUANTIZED
+        mode before calibration."""
         if self.mode is QuantMode.FP:
             return x
         if self.mode is QuantMode.CALIBRATE:

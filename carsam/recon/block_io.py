@@ -13,7 +13,7 @@ the pass's quantizer modes) and records the state at the span's start (kwargs qu
 query_pe, key_pe) and the (queries, keys) at its end. The transformer's own forward then runs as usual.
 
 Samples are kept on CPU (a list, since B varies per image) and moved to a device one at a time
-(`UnitCache.sample(i, device)`); `nbytes` is logged when the cache is built.
+(`BlockIO.sample(i, device)`); `nbytes` is logged when the block I/O is built.
 """
 
 from __future__ import annotations
@@ -81,12 +81,12 @@ class UnitSample:
         return _nbytes(self.args) + _nbytes(self.kwargs) + _nbytes(self.targets)
 
 
-class UnitCache:
+class BlockIO:
     """The samples of one unit (a list of `UnitSample`, on CPU unless built otherwise)."""
 
     def __init__(self, unit: ReconUnit, samples: list[UnitSample], inputs: str = "fp") -> None:
         if not samples:
-            raise ValueError(f"the cache of unit '{unit.name}' is empty (no image reached the unit)")
+            raise ValueError(f"the block I/O of unit '{unit.name}' is empty (no image reached the unit)")
         self.unit, self.samples, self.inputs = unit, samples, inputs
 
     def __len__(self) -> int:
@@ -111,7 +111,7 @@ class UnitCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all cached tensors."""
+        """Bytes held by all captured tensors."""
         return sum(s.nbytes for s in self.samples)
 
     @property
@@ -213,8 +213,8 @@ def _capture_pass(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, mode: 
     return per_image
 
 
-def build_unit_cache(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, *, inputs: str = "fp",
-                     dtype: torch.dtype | None = None, source: EmbeddingSource | None = None) -> UnitCache:
+def capture_block_io(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, *, inputs: str = "fp",
+                     dtype: torch.dtype | None = None, source: EmbeddingSource | None = None) -> BlockIO:
     """Capture `unit`'s inputs and FP targets over `calib` (see the module docstring).
 
     inputs: `fp` (FP model's inputs, one pass) or `quantized` (a second pass with the quantizers as they
@@ -229,23 +229,23 @@ def build_unit_cache(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, *, 
         q_pass = _capture_pass(sam, unit, calib, None, True, False, dtype, source)
         fp_pass = [(q_in, fp_out) for (q_in, _), (_, fp_out) in zip(q_pass, fp_pass, strict=True)]
     samples = [UnitSample(tuple(ins[0]), dict(ins[1]), as_streams(out, len(unit.streams))) for ins, out in fp_pass]
-    cache = UnitCache(unit, samples, inputs)
-    logger.info("cache %s (%s inputs): %d samples, %d prompts, %.1f MiB", unit.name, inputs, len(cache),
-                cache.num_prompts, cache.nbytes / 2**20)
-    return cache
+    block_io = BlockIO(unit, samples, inputs)
+    logger.info("block I/O of %s (%s inputs): %d samples, %d prompts, %.1f MiB", unit.name, inputs, len(block_io),
+                block_io.num_prompts, block_io.nbytes / 2**20)
+    return block_io
 
 
-def cached_unit_loss(sam: nn.Module, cache: UnitCache) -> float:
-    """Mean over the cache's samples of the sum over streams of the unit's MSE against its FP targets
+def block_io_loss(sam: nn.Module, block_io: BlockIO) -> float:
+    """Mean over the block I/O's samples of the sum over streams of the unit's MSE against its FP targets
     (the unit as it is now: hard rounding, eval mode, no gradient)."""
     from carsam.recon.losses import lp_error  # losses imports AdaRound; keep this module's imports light
 
-    module = cache.unit.module(sam)
+    module = block_io.unit.module(sam)
     module.eval()
     with torch.no_grad():
-        losses = [sum(lp_error(o, t).item() for o, t in zip(cache.unit.run(module, s.args, s.kwargs), s.targets))
-                  for s in cache.samples]
+        losses = [sum(lp_error(o, t).item() for o, t in zip(block_io.unit.run(module, s.args, s.kwargs), s.targets))
+                  for s in block_io.samples]
     return sum(losses) / len(losses)
 
 
-__all__ = ["INPUT_SOURCES", "UnitCache", "UnitSample", "build_unit_cache", "cached_unit_loss"]
+__all__ = ["INPUT_SOURCES", "BlockIO", "UnitSample", "capture_block_io", "block_io_loss"]

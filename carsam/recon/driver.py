@@ -6,7 +6,7 @@ is not `none`, then the decoder units of `recon.grouping` or a method's own, in 
 method makes learnable in each unit is its `UnitRecipe`. For each unit:
 
 1. every AdaRound layer reconstructed so far is switched to hard rounding, so that
-2. the unit's block I/O (`build_unit_cache`, captured right before its reconstruction) sees the earlier units
+2. the unit's block I/O (`capture_block_io`, captured right before its reconstruction) sees the earlier units
    as they will be evaluated when `recon.inputs == "quantized"` (BRECQ's and QDrop's choice);
 3. every quantized weight of the unit gets an `AdaRoundQuantizer`; QDrop's recipe also makes the scale of
    each of the unit's uniform activation quantizers learnable (LSQ) and sets QDrop's keep probability
@@ -31,7 +31,7 @@ is stored after they are reconstructed and restored by a later run whose encoder
 recipe, calibration set, code and RNG state are the same; restored unit records carry `"cached": true`
 (their `seconds` are those of the run that computed them). Bit-identical to reconstructing (tested).
 
-`reconstruct_model_` also takes, for callers such as JCAR: `settings_for(unit, cache)`, the stage
+`reconstruct_model_` also takes, for callers such as JCAR: `settings_for(unit, block_io)`, the stage
 settings of each decoder unit (e.g. its stream weights and reduction; default `ReconSettings.from_config(recon)`;
 encoder units always get `ReconSettings.from_config(recon)`), and `track_interference`: the quantized model's
 per-step errors (`carsam.recon.interference.boundary_errors` on `interference_images` calibration
@@ -57,7 +57,7 @@ from carsam.quant.adaround import adaround_modules, enable_adaround_, finalize_a
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantizerBase, UniformQuantizer, iter_quantizers
 from carsam.quant.state import assert_eval_ready, set_quant_prob
-from carsam.recon.block_io import UnitCache, build_unit_cache
+from carsam.recon.block_io import BlockIO, capture_block_io
 from carsam.recon.interference import FpTraces, boundary_errors
 from carsam.recon.stage import ReconResult, ReconSettings, reconstruct_unit
 from carsam.recon.units import ReconUnit, find_units
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from carsam.config import ReconConfig
     from carsam.data.coco import CocoBoxPrompts
 
-SettingsFor = Callable[[ReconUnit, UnitCache], ReconSettings]
+SettingsFor = Callable[[ReconUnit, BlockIO], ReconSettings]
 INTERFERENCE_START = "start"
 
 logger = logging.getLogger(__name__)
@@ -104,14 +104,14 @@ class ReconReport:
     interference: list[dict[str, Any]] | None = None
 
     @property
-    def max_cache_mib(self) -> float:
+    def max_block_io_mib(self) -> float:
         """The largest block I/O of a unit, in MiB."""
-        return max((r["cache_mib"] for r in self.units), default=0.0)
+        return max((r["block_io_mib"] for r in self.units), default=0.0)
 
     def record(self) -> dict[str, Any]:
         """The JSON-ready form kept under `details.recon` (`interference` only when tracked)."""
         out = {"settings": self.settings, "recipe": dataclasses.asdict(self.recipe), "num_units": len(self.units),
-               "baked_layers": self.baked_layers, "seconds": self.seconds, "max_cache_mib": self.max_cache_mib,
+               "baked_layers": self.baked_layers, "seconds": self.seconds, "max_block_io_mib": self.max_block_io_mib,
                "units": self.units}
         return out if self.interference is None else {**out, "interference": self.interference}
 
@@ -171,11 +171,11 @@ def subsample(values: list[float], points: int) -> list[float]:
     return [values[round(i * step)] for i in range(points)]
 
 
-def unit_record(unit: ReconUnit, result: ReconResult, counts: dict[str, int], cache_mib: float,
+def unit_record(unit: ReconUnit, result: ReconResult, counts: dict[str, int], block_io_mib: float,
                 points: int) -> dict[str, Any]:
     """What the run record keeps of one unit's reconstruction."""
-    return {"unit": unit.name, "kind": unit.kind, **counts, "cache_mib": round(cache_mib, 3), "steps": result.steps,
-            "seconds": round(result.seconds, 3),
+    return {"unit": unit.name, "kind": unit.kind, **counts, "block_io_mib": round(block_io_mib, 3),
+            "steps": result.steps, "seconds": round(result.seconds, 3),
             "first": {k: v[0] for k, v in result.curve.items() if v},
             "last": {k: v[-1] for k, v in result.curve.items() if v},
             "curve": {k: subsample(v, points) for k, v in result.curve.items()}}
@@ -194,13 +194,13 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
         logger.info("recon %s: no quantized weight, skipped", unit.name)
         return None
     set_soft_rounding(sam, False)
-    cache = build_unit_cache(sam, unit, calib, inputs=recon.inputs, source=source)
+    block_io = capture_block_io(sam, unit, calib, inputs=recon.inputs, source=source)
     counts = prepare_unit_(module, recipe)
-    settings = ReconSettings.from_config(recon) if settings_for is None else settings_for(unit, cache)
-    result = reconstruct_unit(sam, unit, cache, settings)
+    settings = ReconSettings.from_config(recon) if settings_for is None else settings_for(unit, block_io)
+    result = reconstruct_unit(sam, unit, block_io, settings)
     set_soft_rounding(module, False)
     set_quant_prob(module, 1.0)
-    return {**unit_record(unit, result, counts, cache.nbytes / 2**20, recon.curve_points),
+    return {**unit_record(unit, result, counts, block_io.nbytes / 2**20, recon.curve_points),
             "stage": dataclasses.asdict(settings)}
 
 

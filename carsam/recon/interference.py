@@ -15,7 +15,8 @@ its train/eval flag and quantizer modes are restored.
 
 Recorded after each reconstruction unit (`reconstruct_model_(..., track_interference=True)`), these
 show whether optimising one branch (e.g. the token stream) raises the error of the other one or of
-boundaries reconstructed earlier: the oscillation diagnostic of docs/methods.md.
+boundaries reconstructed earlier: the cross-branch interference of docs/diagnostics.md, "Reconstruction
+oscillation".
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class FpTraces:
     The FP model never changes while units are reconstructed (FP passes use the original weights), so
     every entry compares against the same FP states: an image's FP decode and trace run once and are
     kept (on the model's device) while they fit `budget_bytes` (estimated from the input shapes before
-    running; real SAM: about 40 MiB per box); an image beyond it is traced again at each entry, one state at a time.
+    running, `trace_nbytes`: on real SAM 10 states x 2 x (4096 + 7) x 256 float32, about 80 MiB per box); an
+    image beyond it is traced again at each entry, one state at a time.
     """
 
     def __init__(self, budget_bytes: int = FP_TRACE_BYTES) -> None:

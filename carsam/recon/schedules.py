@@ -38,7 +38,7 @@ class RoundingSchedule:
         return step >= self.warmup_steps
 
     def beta(self, step: int) -> float:
-        """`beta_start` until the warm-up ends, then linear to `beta_end` at the last step."""
+        """`beta_start` until the warm-up ends, then linear in `step`, reaching `beta_end` at `step == total`."""
         start = self.warmup_steps
         if step <= start:
             return self.beta_start

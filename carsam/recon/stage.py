@@ -7,7 +7,7 @@ AdaRound, which scales are learned and the QDrop probability are the method's bu
 stage runs. The two Adams are one `torch.optim.Adam` with two parameter groups (Adam's state is per
 parameter, so this is the same update) and one `LambdaLR` with a factor per group.
 
-One step = one cached sample (one image with all its boxes): loss = sum over output streams of
+One step = one captured sample (one image with all its boxes): loss = sum over output streams of
 w_s * Lp(unit(inputs), FP targets) + weight(step) * rounding regulariser(beta(step)). The Lp error's
 default reduction is QDrop's (`reduction="qdrop"`: summed over dim 1, averaged over the rest), the scale
 the regulariser weight 0.01 was tuned against; `reduction="mean"` is the plain per-stream MSE.
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.quantizers import UniformQuantizer
-from carsam.recon.block_io import UnitCache, UnitSample
+from carsam.recon.block_io import BlockIO, UnitSample
 from carsam.recon.losses import rounding_regularizer, stream_losses, weighted_sum
 from carsam.recon.schedules import RoundingSchedule, cosine_factor
 from carsam.recon.units import ReconUnit
@@ -120,20 +120,20 @@ def only_trainable(module: nn.Module, params: list[nn.Parameter]) -> Iterator[No
 
 
 class ReconstructionStage(LightningModule):
-    """Reconstruct one unit on its cache (manual optimisation: one Adam, one LambdaLR, stepped per sample).
+    """Reconstruct one unit on its block I/O (manual optimisation: one Adam, one LambdaLR, stepped per sample).
 
     Args:
         module: the unit's root module (`unit.module(sam)`); its parameters are shared with the SAM.
         unit: what the module is (streams, how to call it).
-        cache: the unit's cached inputs and FP targets.
+        block_io: the unit's captured inputs and FP targets.
         settings: the hyper-parameters.
     """
 
-    def __init__(self, module: nn.Module, unit: ReconUnit, cache: UnitCache, settings: ReconSettings) -> None:
+    def __init__(self, module: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.unit_module = module
-        self.unit, self.cache, self.settings = unit, cache, settings
+        self.unit, self.block_io, self.settings = unit, block_io, settings
         self.schedule = settings.rounding_schedule()
         self.adarounds = adaround_quantizers(module)
         self.scales = learnable_scales(module)
@@ -205,16 +205,16 @@ class ReconstructionStage(LightningModule):
 
 
 class _Samples:
-    """A sized iterable of cached samples (CPU) in a fixed order: the stage's 'dataloader'."""
+    """A sized iterable of captured samples (CPU) in a fixed order: the stage's 'dataloader'."""
 
-    def __init__(self, cache: UnitCache, order: list[int]) -> None:
-        self.cache, self.order = cache, order
+    def __init__(self, block_io: BlockIO, order: list[int]) -> None:
+        self.block_io, self.order = block_io, order
 
     def __len__(self) -> int:
         return len(self.order)
 
     def __iter__(self) -> Iterator[UnitSample]:
-        return self.cache.stream(self.order)
+        return self.block_io.stream(self.order)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -267,7 +267,7 @@ def _lean_trainer(device: torch.device, iters: int) -> Trainer:
                    num_sanity_val_steps=0, limit_val_batches=0)
 
 
-def reconstruct_unit(sam: nn.Module, unit: ReconUnit, cache: UnitCache, settings: ReconSettings) -> ReconResult:
+def reconstruct_unit(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings) -> ReconResult:
     """Reconstruct `unit` of `sam` in place with a lean Lightning Trainer, on the device the unit is on.
 
     No checkpointing, logger, progress bar, model summary or validation; `max_steps = settings.iters`.
@@ -275,8 +275,8 @@ def reconstruct_unit(sam: nn.Module, unit: ReconUnit, cache: UnitCache, settings
     """
     module = unit.module(sam)
     device = _device_of(module)
-    stage = ReconstructionStage(module, unit, cache, settings)
-    loader = _Samples(cache, cache.order(settings.iters, settings.seed))
+    stage = ReconstructionStage(module, unit, block_io, settings)
+    loader = _Samples(block_io, block_io.order(settings.iters, settings.seed))
     with _quiet_lightning(), _training(module, device, stage.trainable(), settings.seed):
         start = time.perf_counter()
         trainer = _lean_trainer(device, settings.iters)
@@ -286,16 +286,16 @@ def reconstruct_unit(sam: nn.Module, unit: ReconUnit, cache: UnitCache, settings
     return _result(stage, seconds)
 
 
-def reconstruct_unit_plain(sam: nn.Module, unit: ReconUnit, cache: UnitCache, settings: ReconSettings) -> ReconResult:
+def reconstruct_unit_plain(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings) -> ReconResult:
     """The same reconstruction as `reconstruct_unit`, driven by a plain torch loop (the overhead reference)."""
     module = unit.module(sam)
     device = _device_of(module)
-    stage = ReconstructionStage(module, unit, cache, settings)
+    stage = ReconstructionStage(module, unit, block_io, settings)
     config = stage.configure_optimizers()
-    order = cache.order(settings.iters, settings.seed)
+    order = block_io.order(settings.iters, settings.seed)
     with _training(module, device, stage.trainable(), settings.seed):
         start = time.perf_counter()
-        for sample in cache.stream(order, device):
+        for sample in block_io.stream(order, device):
             stage.optimization_step(sample, config["optimizer"], config["lr_scheduler"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)

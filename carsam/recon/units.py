@@ -18,7 +18,7 @@ of the same subtree. The groupings (the one place that defines them, `GROUPINGS`
 - `encoder_block`: each image-encoder `Block`.
 
 Modules are matched by class (segment_anything's and carsam's quantized twins), never by name; the
-only names used are the two scopes of `carsam.models.quantize`. A unit runs itself on cached inputs
+only names used are the two scopes of `carsam.models.quantize`. A unit runs itself on captured inputs
 (`ReconUnit.run`) and returns its output streams as a tuple: a block or span gives (queries, keys).
 Span units (`pair`, `chain`) have `steps`, names of `carsam.recon.spans` steps; their root module is
 the decoder transformer and `ReconUnit.module` returns a `DecoderSpan` holding just those steps'
@@ -79,7 +79,7 @@ class ReconUnit:
         return self.path.startswith(ENCODER_SCOPE + ".")
 
     def run(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
-        """Call the unit's root `module` on cached inputs; the outputs as a tuple, one per stream.
+        """Call the unit's root `module` on captured inputs; the outputs as a tuple, one per stream.
 
         Decoder attention: q `(B, Nq, E)`, k/v `(B, Nk, E)` -> `((B, Nq, E),)`; decoder block or span:
         queries `(B, Nq, E)`, keys `(B, Nk, E)`, query_pe, key_pe -> `(queries, keys)`; encoder block:
@@ -189,6 +189,11 @@ GROUPINGS: dict[str, Callable[[nn.Module], list[ReconUnit]]] = {
 }
 
 
+DECODER_GROUPINGS = ("attention_mlp", "block", "pair", "chain")  # the decoder units a method may choose
+JOINT_GROUPINGS = ("block", "pair", "chain")  # decoder units spanning coupled token and image branches (JCAR)
+ENCODER_GROUPINGS = ("encoder_block",)
+
+
 def find_units(sam: nn.Module, grouping: str) -> list[ReconUnit]:
     """The units of `sam` for the grouping called `grouping` (see `GROUPINGS`), in reconstruction order."""
     if grouping not in GROUPINGS:
@@ -198,4 +203,5 @@ def find_units(sam: nn.Module, grouping: str) -> list[ReconUnit]:
     return units
 
 
-__all__ = ["BLOCK_STREAMS", "GROUPINGS", "ReconUnit", "as_streams", "find_units"]
+__all__ = ["BLOCK_STREAMS", "DECODER_GROUPINGS", "ENCODER_GROUPINGS", "GROUPINGS", "JOINT_GROUPINGS", "ReconUnit",
+           "as_streams", "find_units"]

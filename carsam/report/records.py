@@ -28,6 +28,7 @@ Metrics: every `record["metrics"]` entry (`eval/mAP`, `diag/*`, ...) plus `time/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,7 @@ from typing import Any
 
 import pandas as pd
 
+from carsam.config import JcarConfig, MacConfig
 from carsam.record import list_records
 
 COMPLETED = "completed"
@@ -46,11 +48,8 @@ ID_COLUMNS = ("run_id", "name", "method", "w_bits", "a_bits", "seed", "data_seed
 READING_COLUMNS = ("mac_variant", "mac_strength", "mac_damping", "mac_targets", "mac_order", "jcar_grouping",
                    "jcar_weights", "jcar_variance")
 LONG_COLUMNS = (*ID_COLUMNS, *READING_COLUMNS, "metric", "value")
-# Defaults of carsam.config.MacConfig / JcarConfig (the report stays torch-free; a test checks they agree).
-MAC_DEFAULTS: dict[str, Any] = {"enabled": False, "variant": "both", "strength": 1.0, "damping": 0.01,
-                                "targets": "token_to_image", "order": "before"}
-JCAR_DEFAULTS: dict[str, Any] = {"enabled": False, "grouping": "pair", "w_tokens": 1.0, "w_image": 1.0,
-                                 "variance_weighting": False}
+MAC_DEFAULTS: dict[str, Any] = dataclasses.asdict(MacConfig())  # CAR-SAM's main setting is the defaults
+JCAR_DEFAULTS: dict[str, Any] = dataclasses.asdict(JcarConfig())
 NOT_SETTINGS = ("name", "method", "seed", "runs_dir", "device", "data.synthetic_seed", "data.synthetic_root",
                 "data.prompt_source", "quant.w_bits", "quant.a_bits", "quant.quantize_encoder")
 NOT_SETTING_PREFIXES = ("mac.", "jcar.", "tracking.", "diagnostics.")

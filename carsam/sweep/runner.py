@@ -211,7 +211,7 @@ def _worker(spec: SweepSpec) -> optuna.Study:
 def worker_threads(workers: int, cpus: int | None = None) -> int:
     """Intra-op threads for each of `workers` processes sharing `cpus` cores (default: this machine's):
     an even share, at least 1, so K workers never oversubscribe the cores (torch's default is one thread
-    per core in every process, which slows K > 1 workers many times over)."""
+    per core in every process)."""
     return max(1, (cpus or os.cpu_count() or 1) // workers)
 
 

@@ -13,7 +13,7 @@ from carsam.eval.evaluate import boxes_to_masks
 class _GroundTruthPredictor:
     """Returns each box filled as its mask and a fixed predicted IoU of 0.5."""
 
-    def __init__(self, sam, max_boxes_per_batch=64):
+    def __init__(self, sam, max_boxes_per_batch=64, source=None):
         pass
 
     def embed(self, image):

@@ -7,7 +7,7 @@ import torch
 
 from carsam.config import JcarConfig, ReconConfig
 from carsam.methods.jcar import jcar_settings, jcar_stream_weights
-from carsam.recon.block_io import UnitCache, UnitSample
+from carsam.recon.block_io import BlockIO, UnitSample
 from carsam.recon.losses import pooled_variance, stream_target_variance
 from carsam.recon.stage import ReconSettings
 from carsam.recon.units import BLOCK_STREAMS, ReconUnit
@@ -17,11 +17,11 @@ SPAN = ReconUnit("decoder.layers.0.pair", "mask_decoder.transformer", "pair", BL
 SINGLE = ReconUnit("decoder.layers.0.self_attn", "mask_decoder.transformer.layers.0.self_attn", "attention")
 
 
-def _cache() -> UnitCache:
+def _cache() -> BlockIO:
     """Two samples: queries values {1, 2, 3, 4} (variance 1.25), keys values {0, 0, 2, 2} (variance 1)."""
     samples = [UnitSample((), {}, (torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[0.0], [0.0]]]))),
                UnitSample((), {}, (torch.tensor([[[3.0, 4.0]]]), torch.tensor([[[2.0], [2.0]]])))]
-    return UnitCache(SPAN, samples)
+    return BlockIO(SPAN, samples)
 
 
 def test_stream_target_variance_pools_every_sample():
@@ -31,7 +31,7 @@ def test_stream_target_variance_pools_every_sample():
 
 
 def test_constant_targets_have_no_variance():
-    constant = UnitCache(SPAN, [UnitSample((), {}, (torch.ones(1, 2, 2), torch.zeros(1, 3, 2)))])
+    constant = BlockIO(SPAN, [UnitSample((), {}, (torch.ones(1, 2, 2), torch.zeros(1, 3, 2)))])
     with pytest.raises(ValueError, match="no variance"):
         stream_target_variance(constant)
 
@@ -42,7 +42,7 @@ def test_stream_weights_are_the_config_weights_divided_by_the_variance():
     weighted = JcarConfig(enabled=True, w_tokens=0.5, w_image=2.0, variance_weighting=True)
     assert jcar_stream_weights(SPAN, weighted, _cache()) == pytest.approx({"queries": 0.4, "keys": 2.0})
     assert jcar_stream_weights(SINGLE, weighted) == {"out": 1.0}
-    with pytest.raises(ValueError, match="cache"):
+    with pytest.raises(ValueError, match="block_io"):
         jcar_stream_weights(SPAN, weighted)
 
 

@@ -9,7 +9,16 @@ from segment_anything.modeling import Sam
 from carsam.config import ConfigError, ReconConfig, RunConfig, resolve
 from carsam.methods.big import fold_signs_
 from carsam.methods.calibrate import quantize_calibrate_
-from carsam.methods.ptq4sam import fp_calibration_pass, integrate_bimodal_keys_, token_to_image_attentions
+from carsam.methods.ptq4sam import (
+    adopt_log_softmax_,
+    adopt_searched_taus_,
+    collect_fp_statistics,
+    fold_bimodal_keys_,
+    fp_calibration_pass,
+    integrate_bimodal_keys_,
+    softmax_attentions,
+    token_to_image_attentions,
+)
 from carsam.methods.registry import get_method
 from carsam.models.adapters import QuantDecoderAttention
 from carsam.models.quantize import QuantConfig, quantize_
@@ -17,7 +26,7 @@ from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.logquant import TAUS, LogQuantizer
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 from carsam.quant.state import assert_eval_ready
-from carsam.recon.block_io import build_unit_cache, cached_unit_loss
+from carsam.recon.block_io import block_io_loss, capture_block_io
 from carsam.recon.driver import UnitRecipe, reconstruct_model_, subsample
 from carsam.recon.units import find_units
 from carsam.run_context import RunContext
@@ -140,12 +149,12 @@ def test_brecq_reconstruction_lowers_a_unit_loss_from_rtn(random_testbed_checkpo
     config = RunConfig(method="brecq", quant=QuantConfig(w_observer="minmax", quantize_encoder=False))
     quantize_calibrate_(sam, calib2, config, RunContext())
     unit = find_units(sam, "attention_mlp")[2]  # layers.0.mlp (see the report: attention units need more)
-    cache = build_unit_cache(sam, unit, calib2, inputs="quantized")
-    rtn = cached_unit_loss(sam, cache)
+    cache = capture_block_io(sam, unit, calib2, inputs="quantized")
+    rtn = block_io_loss(sam, cache)
     recon = ReconConfig(iters=120, alpha_lr=1e-2)
     record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit]).record()
     assert record["num_units"] == 1 and record["baked_layers"] == 2
-    assert cached_unit_loss(sam, cache) < rtn
+    assert block_io_loss(sam, cache) < rtn
 
 
 def test_subsample_keeps_ends_and_caps_length():
@@ -167,3 +176,19 @@ def test_recon_config_defaults_overrides_and_unknown_keys():
         for bits in (4, 6):
             config = resolve(experiment(f"{name}_w{bits}a{bits}.yaml"))
             assert config.method == name and config.quant.w_bits == config.quant.a_bits == bits
+
+
+def test_big_and_agq_share_one_fp_pass_bit_for_bit(random_testbed_checkpoint, calib2):
+    """PTQ4SAM's preparation collects BIG's keys and AGQ's tau errors in one FP pass, before folding: folding
+    signs into q_proj/k_proj leaves every FP score exact, so the errors equal those of a pass after BIG."""
+    separate = quantize_(build_testbed_from_checkpoint(random_testbed_checkpoint), QuantConfig(quantize_encoder=False))
+    big_report = integrate_bimodal_keys_(separate, calib2, threshold=-1.0)  # force folding on the random testbed
+    agq_report = adopt_log_softmax_(separate, calib2)  # its own FP pass, on the folded model
+    shared = quantize_(build_testbed_from_checkpoint(random_testbed_checkpoint), QuantConfig(quantize_encoder=False))
+    big, agq = token_to_image_attentions(shared), softmax_attentions(shared, encoder=False)
+    keys, searches = collect_fp_statistics(shared, calib2, big, agq)
+    assert fold_bimodal_keys_(big, keys, threshold=-1.0) == big_report
+    assert any(r["negated_channels"] > 0 for r in big_report.values())
+    assert adopt_searched_taus_(agq, searches) == agq_report  # every candidate's error, exactly
+    for (name, a), (_, b) in zip(separate.state_dict().items(), shared.state_dict().items(), strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, name

@@ -15,7 +15,7 @@ from carsam.models.quantize import QuantConfig
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import quant_modes, quant_modes_set
-from carsam.recon.block_io import build_unit_cache, cached_unit_loss
+from carsam.recon.block_io import block_io_loss, capture_block_io
 from carsam.recon.driver import UnitRecipe, prepare_unit_, reconstruct_model_, roundable_layers
 from carsam.recon.spans import DecoderSpan, decoder_steps, prologue, run_from, run_steps, span_states, step_names
 from carsam.recon.stage import ReconSettings
@@ -179,7 +179,7 @@ def test_groupings_cover_the_quantized_testbed_once(qsam):
 @pytest.mark.parametrize("grouping,index", [("pair", 1), ("pair", 3), ("chain", 3), ("chain", 5)])
 def test_span_cache_targets_equal_the_fp_span_on_its_fp_inputs(qsam, calib2, grouping, index):
     unit = find_units(qsam, grouping)[index]
-    cache = build_unit_cache(qsam, unit, calib2)
+    cache = capture_block_io(qsam, unit, calib2)
     assert len(cache) == 2 and cache.num_prompts == calib2.num_prompts
     for sample, outputs in zip(cache.samples, rerun_fp(qsam, cache)):
         assert sample.args == () and set(sample.kwargs) == {"queries", "keys", "query_pe", "key_pe"}
@@ -193,7 +193,7 @@ def test_last_span_target_is_the_fp_transformer_output(qsam, calib2):
     outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = qsam.mask_decoder.transformer.register_forward_hook(lambda m, a, out: outputs.append(out))
     try:
-        cache = build_unit_cache(qsam, unit, calib2)
+        cache = capture_block_io(qsam, unit, calib2)
     finally:
         hook.remove()
     fp_outputs = outputs[:len(cache)]  # the FP pass comes first, one call per image here
@@ -203,8 +203,8 @@ def test_last_span_target_is_the_fp_transformer_output(qsam, calib2):
 
 def test_span_quantized_inputs_differ_from_fp_inputs_but_targets_stay_fp(qsam, calib2):
     unit = find_units(qsam, "chain")[3]
-    fp_cache = build_unit_cache(qsam, unit, calib2, inputs="fp")
-    q_cache = build_unit_cache(qsam, unit, calib2, inputs="quantized")
+    fp_cache = capture_block_io(qsam, unit, calib2, inputs="fp")
+    q_cache = capture_block_io(qsam, unit, calib2, inputs="quantized")
     assert q_cache.inputs == "quantized"
     for fp_s, q_s in zip(fp_cache.samples, q_cache.samples):
         assert all(torch.equal(a, b) for a, b in zip(fp_s.targets, q_s.targets))
@@ -214,7 +214,7 @@ def test_span_quantized_inputs_differ_from_fp_inputs_but_targets_stay_fp(qsam, c
 
 def test_span_cache_restores_modes_and_removes_hooks(qsam, calib2):
     before = quant_modes(qsam)
-    build_unit_cache(qsam, find_units(qsam, "pair")[1], calib2, inputs="quantized")
+    capture_block_io(qsam, find_units(qsam, "pair")[1], calib2, inputs="quantized")
     transformer = qsam.mask_decoder.transformer
     assert quant_modes(qsam) == before
     assert not transformer._forward_hooks and not transformer._forward_pre_hooks
@@ -226,8 +226,8 @@ def test_pair_reconstruction_lowers_the_span_loss_from_rtn(random_testbed_checkp
     config = RunConfig(method="brecq", quant=QuantConfig(w_observer="minmax", quantize_encoder=False))
     quantize_calibrate_(sam, calib2, config, RunContext())
     unit = find_units(sam, "pair")[1]  # layers.0: token->image, MLP, image->token
-    cache = build_unit_cache(sam, unit, calib2, inputs="quantized")
-    rtn = cached_unit_loss(sam, cache)
+    cache = capture_block_io(sam, unit, calib2, inputs="quantized")
+    rtn = block_io_loss(sam, cache)
     recon = ReconConfig(iters=60, alpha_lr=1e-2)
     settings_for = jcar_settings_for(ReconSettings.from_config(recon), JcarConfig(enabled=True))
     record = reconstruct_model_(sam, calib2, recon, UnitRecipe(), units=[unit], settings_for=settings_for).record()
@@ -236,4 +236,4 @@ def test_pair_reconstruction_lowers_the_span_loss_from_rtn(random_testbed_checkp
     unit_record = record["units"][0]
     assert unit_record["kind"] == "pair" and set(unit_record["last"]) == {"queries", "keys", "round", "total"}
     assert unit_record["stage"]["reduction"] == "mean"
-    assert cached_unit_loss(sam, cache) < rtn
+    assert block_io_loss(sam, cache) < rtn

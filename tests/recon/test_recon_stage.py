@@ -12,7 +12,7 @@ from carsam.quant.adaround import enable_adaround_, set_soft_rounding
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantMode, UniformQuantizer
 from carsam.quant.state import set_quant_prob
-from carsam.recon.block_io import build_unit_cache, cached_unit_loss
+from carsam.recon.block_io import block_io_loss, capture_block_io
 from carsam.recon.stage import ReconSettings, ReconstructionStage, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
 
@@ -34,14 +34,14 @@ def test_adaround_reconstruction_lowers_w4_unit_loss_from_rtn(qsam, calib2):
     unit = find_units(qsam, "attention_mlp")[1]
     module = unit.module(qsam)
     _weights_only(module)
-    cache = build_unit_cache(qsam, unit, calib2)
-    rtn = cached_unit_loss(qsam, cache)
+    block_io = capture_block_io(qsam, unit, calib2)
+    rtn = block_io_loss(qsam, block_io)
     _enable_adaround(module)
     settings = ReconSettings.from_config(ReconConfig(iters=60, alpha_lr=1e-2), reduction="mean")
-    result = reconstruct_unit_plain(qsam, unit, cache, settings)
+    result = reconstruct_unit_plain(qsam, unit, block_io, settings)
     set_soft_rounding(module, False)
     assert len(result.curve["out"]) == 60
-    assert cached_unit_loss(qsam, cache) < 0.9 * rtn
+    assert block_io_loss(qsam, block_io) < 0.9 * rtn
 
 
 def _qdrop_unit(sam):
@@ -57,11 +57,11 @@ def _qdrop_unit(sam):
 
 def test_lightning_stage_and_plain_loop_give_the_same_loss_curve(qsam, calib2):
     unit = find_units(qsam, "attention_mlp")[1]
-    cache = build_unit_cache(qsam, unit, calib2, inputs="quantized")
+    block_io = capture_block_io(qsam, unit, calib2, inputs="quantized")
     other = copy.deepcopy(qsam)
     settings = ReconSettings.from_config(ReconConfig(iters=12, warmup=0.25))
-    light = reconstruct_unit(qsam, _qdrop_unit(qsam), cache, settings)
-    plain = reconstruct_unit_plain(other, _qdrop_unit(other), cache, settings)
+    light = reconstruct_unit(qsam, _qdrop_unit(qsam), block_io, settings)
+    plain = reconstruct_unit_plain(other, _qdrop_unit(other), block_io, settings)
     assert set(light.curve) == {"out", "round", "total"} and light.steps == plain.steps == 12
     for key in light.curve:
         assert light.curve[key] == pytest.approx(plain.curve[key], rel=1e-5, abs=1e-8)
@@ -73,11 +73,11 @@ def test_lightning_stage_and_plain_loop_give_the_same_loss_curve(qsam, calib2):
 def test_stage_leaves_no_state_behind(qsam, calib2):
     unit = _qdrop_unit(qsam)
     module = unit.module(qsam)
-    cache = build_unit_cache(qsam, unit, calib2)
+    block_io = capture_block_io(qsam, unit, calib2)
     flags = {name: p.requires_grad for name, p in qsam.named_parameters()}
     rng = torch.random.get_rng_state()
     qsam.eval()
-    reconstruct_unit(qsam, unit, cache, ReconSettings.from_config(ReconConfig(iters=3)))
+    reconstruct_unit(qsam, unit, block_io, ReconSettings.from_config(ReconConfig(iters=3)))
     assert {name: p.requires_grad for name, p in qsam.named_parameters()} == flags
     assert not module.training and torch.equal(torch.random.get_rng_state(), rng)
     assert module.q_proj.weight.device.type == "cpu"
@@ -89,13 +89,13 @@ def test_learned_scales_move_and_weights_do_not(qsam, calib2):
     weight = module.q_proj.weight.detach().clone()
     scale = module.qk_matmul.lhs_quantizer.scale.detach().clone()
     settings = ReconSettings.from_config(ReconConfig(iters=3, scale_lr=1e-2))
-    reconstruct_unit_plain(qsam, unit, build_unit_cache(qsam, unit, calib2), settings)
+    reconstruct_unit_plain(qsam, unit, capture_block_io(qsam, unit, calib2), settings)
     assert torch.equal(module.q_proj.weight, weight)
     assert not torch.equal(module.qk_matmul.lhs_quantizer.scale, scale)
 
 
 def test_unit_without_learnable_parameters_is_rejected(qsam, calib2):
     unit = find_units(qsam, "attention_mlp")[0]
-    cache = build_unit_cache(qsam, unit, calib2)
+    block_io = capture_block_io(qsam, unit, calib2)
     with pytest.raises(ValueError, match="nothing to optimise"):
-        ReconstructionStage(unit.module(qsam), unit, cache, ReconSettings.from_config(ReconConfig(iters=1)))
+        ReconstructionStage(unit.module(qsam), unit, block_io, ReconSettings.from_config(ReconConfig(iters=1)))

@@ -50,3 +50,11 @@ def test_unknown_grouping_lists_valid_names(fp_sam):
     with pytest.raises(ValueError, match="attention_mlp"):
         find_units(fp_sam, "pairs")
     assert set(GROUPINGS) == {"attention_mlp", "block", "pair", "chain", "encoder_block"}
+
+
+def test_config_choices_are_the_groupings_units_can_build():
+    from carsam.config import JCAR_GROUPINGS, RECON_ENCODER_GROUPINGS, RECON_GROUPINGS
+    from carsam.recon.units import GROUPINGS
+
+    assert set(GROUPINGS) == set(RECON_GROUPINGS) | (set(RECON_ENCODER_GROUPINGS) - {"none"})
+    assert set(JCAR_GROUPINGS) <= set(RECON_GROUPINGS)

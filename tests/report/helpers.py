@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from carsam.config import JcarConfig, MacConfig
 from carsam.diagnostics.oscillation import oscillation_frame
 from carsam.diagnostics.writer import write_diagnostics
 from carsam.record import RunRecord, write_record
@@ -16,9 +18,8 @@ BASE_CONFIG: dict[str, Any] = {
     "seed": 0, "data": {"synthetic_seed": 0, "prompt_source": "detector"},
     "quant": {"w_bits": 4, "a_bits": 4, "quantize_encoder": True, "a_observer": "mse"},
     "recon": {"iters": 500, "round_weight": 0.01},
-    "mac": {"enabled": False, "variant": "both", "strength": 1.0, "damping": 0.01, "targets": "token_to_image",
-            "order": "before"},
-    "jcar": {"enabled": False, "grouping": "pair", "w_tokens": 1.0, "w_image": 1.0, "variance_weighting": False},
+    "mac": dataclasses.asdict(MacConfig()),  # the code defaults: CAR-SAM's main setting
+    "jcar": dataclasses.asdict(JcarConfig()),
 }
 
 

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbconvert.preprocessors import ExecutePreprocessor
 
 from .helpers import add_diagnostics, make_run, metrics
 
+pytestmark = pytest.mark.slow
 NOTEBOOK = Path(__file__).resolve().parents[2] / "analysis" / "ablation.ipynb"
 
 

@@ -28,8 +28,8 @@ MAC_ON, JCAR_ON = {"enabled": True}, {"enabled": True}
 
 @pytest.fixture()
 def runs(tmp_path):
-    """fp; ptq4sam on data seeds 0 and 1 (mAP 0.40, 0.42); carsam full / MAC only / JCAR only / MAC-QK /
-    JCAR 10:1 weights; rtn; a failed rtn run."""
+    """fp; ptq4sam on data seeds 0 and 1 (mAP 0.40, 0.42); carsam full / MAC only / JCAR only (each at the code
+    defaults: MAC-QK, JCAR chain) / MAC-QK+PV / JCAR 10:1 weights; rtn; a failed rtn run."""
     root = tmp_path / "runs"
     make_run(root, "r01-fp", "fp", metrics(0.50), bits=32)
     make_run(root, "r02-ptq4sam", "ptq4sam", metrics(0.40, 0.60, 0.70))
@@ -37,7 +37,7 @@ def runs(tmp_path):
     make_run(root, "r04-carsam", "carsam", metrics(0.45), mac=MAC_ON, jcar=JCAR_ON)
     make_run(root, "r05-carsam-mac", "carsam", metrics(0.43), mac=MAC_ON)
     make_run(root, "r06-carsam-jcar", "carsam", metrics(0.44), jcar=JCAR_ON)
-    make_run(root, "r07-carsam-qk", "carsam", metrics(0.46), mac={"enabled": True, "variant": "qk"})
+    make_run(root, "r07-carsam-both", "carsam", metrics(0.46), mac={"enabled": True, "variant": "both"})
     make_run(root, "r08-carsam-tok10", "carsam", metrics(0.47), jcar={"enabled": True, "w_tokens": 10.0})
     make_run(root, "r09-rtn", "rtn", metrics(0.30))
     make_run(root, "r10-rtn-failed", "rtn", {}, status="failed", error="RuntimeError: out of memory", total=None)
@@ -54,9 +54,9 @@ def test_long_table_has_one_row_per_run_and_metric_with_settings(runs):
     long = long_table(runs)
     done = long[long["status"] == "completed"]
     assert len(done) == 9 * 4  # 9 completed runs x (mAP, mAP50, mIoU, time/total_s)
-    qk = long[long["run_id"] == "r07-carsam-qk"].iloc[0]
-    assert (qk["mac"], qk["jcar"], qk["encoder"], qk["data_seed"]) == ("qk@1", "off", "quantized", 0)
-    assert long.loc[long["run_id"] == "r08-carsam-tok10", "jcar"].iloc[0] == "pair w=10:1"
+    both = long[long["run_id"] == "r07-carsam-both"].iloc[0]
+    assert (both["mac"], both["jcar"], both["encoder"], both["data_seed"]) == ("both@1", "off", "quantized", 0)
+    assert long.loc[long["run_id"] == "r08-carsam-tok10", "jcar"].iloc[0] == "chain w=10:1"
     assert long.loc[long["run_id"] == "r01-fp", "encoder"].iloc[0] == "FP"
     assert set(long.loc[long["run_id"] == "r09-rtn", "metric"]) == {"eval/mAP", "eval/mAP50", "eval/mIoU", TIME_METRIC}
 
@@ -90,11 +90,11 @@ def test_readings_tables_list_every_mac_variant_and_jcar_weighting(runs):
     tables = ablation_tables(long_table(runs))
     mac = tables["mac_readings"][lambda t: t["metric"] == "mAP"]
     assert {(r.variant, r.jcar): r.mean for r in mac.itertuples()} == pytest.approx(
-        {("both", "pair"): 0.45, ("both", "off"): 0.43, ("qk", "off"): 0.46, ("off", "pair"): 0.44})
+        {("qk", "chain"): 0.45, ("qk", "off"): 0.43, ("both", "off"): 0.46, ("off", "chain"): 0.44})
     jcar = tables["jcar_groupings"][lambda t: t["metric"] == "mAP"]
     assert {(r.grouping, r.weights, r.mac): r.mean for r in jcar.itertuples()} == pytest.approx(
-        {("pair", "1:1", "both@1"): 0.45, ("off", "-", "both@1"): 0.43, ("pair", "1:1", "off"): 0.44,
-         ("pair", "10:1", "off"): 0.47})
+        {("chain", "1:1", "qk@1"): 0.45, ("off", "-", "qk@1"): 0.43, ("chain", "1:1", "off"): 0.44,
+         ("chain", "10:1", "off"): 0.47})
 
 
 def test_failed_runs_are_left_out_of_tables_and_listed_with_their_error(runs):

@@ -14,8 +14,9 @@ from PIL import Image
 from carsam.report.dashboard import build_dashboard
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not found: `make test` installs it with "
-                                "tools/system-packages.sh (Debian package chromium; needs root and apt-get)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="chromium not found: `make test` installs it with "
+                                 "tools/system-packages.sh (Debian package chromium; needs root and apt-get)")]
 
 # Appended to a copy of the page: drives every control (selectors, sort headers, selection buttons), so the
 # JS paths behind them run too; their errors land in <body data-js-errors> like the first render's.
