@@ -7,6 +7,9 @@ confirm a chosen point with `carsam run experiments/carsam_w4a4.yaml quant.quant
 """
 
 EXPERIMENT = "../experiments/carsam_w4a4.yaml"
+# The first trial: MAC and JCAR at the code defaults (carsam.config.MacConfig / JcarConfig), the reference point
+# of the study and the CAR-SAM row of `carsam report`'s ablation tables.
+START = [{"mac.strength": 1.0, "mac.variant": "qk", "jcar.w_tokens": 1.0, "jcar.grouping": "chain"}]
 FIXED = ["quant.quantize_encoder=false", "recon.iters=50", "data.calib_size=8", "data.max_val_images=60"]
 
 

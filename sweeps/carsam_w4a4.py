@@ -8,6 +8,9 @@ One trial is one decoder-only CAR-SAM run on the testbed: about 5 min on 2 cores
 """
 
 EXPERIMENT = "../experiments/carsam_w4a4.yaml"
+# The first trial: the code defaults (carsam.config), the reference point of the study.
+START = [{"mac.strength": 1.0, "mac.variant": "qk", "jcar.w_tokens": 1.0, "jcar.w_image": 1.0,
+          "jcar.grouping": "chain", "recon.iters": 500}]
 FIXED = ["quant.quantize_encoder=false"]
 
 

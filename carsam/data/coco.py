@@ -226,6 +226,7 @@ class CocoBoxPrompts:
         if not self._image_ids:
             raise DatasetError(f"no images selected from {self.annotations_file}; the set would be empty")
         if prompt_source == "detector":
+            assert prompts_file is not None  # a detector source without a prompts file raised above
             self._prompts = _detector_prompts(Path(prompts_file), self.coco)
         else:
             if prompts_file is not None:

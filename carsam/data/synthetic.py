@@ -64,7 +64,8 @@ def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [0, 1] of shape (h, w): a coarse random grid, bilinearly upsampled."""
     coarse = rng.random((cells + 1, cells + 1)).astype(np.float32)
-    img = Image.fromarray(coarse, mode="F").resize((w, h), Image.BILINEAR)
+    # Pillow defines its module-level filter constants with setattr, so its inline types lack them.
+    img = Image.fromarray(coarse, mode="F").resize((w, h), Image.BILINEAR)  # type: ignore[attr-defined]
     return np.asarray(img, dtype=np.float32)
 
 
@@ -214,6 +215,7 @@ def generate_split(spec: SyntheticSpec, split: str, root: str | Path) -> dict[st
     root = Path(root)
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
+    annotations: list[dict]
     images, annotations, prompts = [], [], []
     for index in range(spec.count(split)):
         rng = split_rng(spec.seed, split, index)

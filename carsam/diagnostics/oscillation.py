@@ -103,6 +103,7 @@ def interference_series(entries: Sequence[Mapping[str, Any]],
     is scored over the boundaries of the units before it (k = 1: none, so NaN); without it, over every
     boundary. Returns `[{"after": unit, "index": k, "rise": {stream: value}}]` for k = 1, 2, ...
     """
+    done: list[str]
     rows, done = [], []
     for k in range(1, len(entries)):
         boundaries = None if reconstructed is None else list(dict.fromkeys(done))

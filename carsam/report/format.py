@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
+from typing import cast
 
 import pandas as pd
 
@@ -37,7 +38,8 @@ def row_keys(table: pd.DataFrame) -> list[str]:
 def setting_order(settings: Collection[str]) -> list[str]:
     """`W<w>A<a>` labels by bits, widest first; any other label after them, in the given order."""
     parsed = [(s, _SETTING.match(s)) for s in dict.fromkeys(settings)]
-    bits = sorted((m for m in parsed if m[1]), key=lambda m: (-int(m[1].group(1)), -int(m[1].group(2))))
+    matched = cast("Iterable[tuple[str, re.Match[str]]]", (m for m in parsed if m[1]))  # the filter drops None
+    bits = sorted(matched, key=lambda m: (-int(m[1].group(1)), -int(m[1].group(2))))
     return [s for s, _ in bits] + [s for s, m in parsed if not m]
 
 

@@ -126,8 +126,9 @@ def planned_trials(space: SearchSpace, trials: int) -> int:
 
 
 def enqueue_missing(study: optuna.Study, space: SearchSpace, planned: int) -> list[dict[str, Any]]:
-    """Queue the grid points not completed (without a grid: the parameter sets of failed trials that
-    never completed), skipping those already queued or running, up to what the plan still needs.
+    """Queue the grid points not completed (without a grid: the START points, then the parameter sets of
+    failed trials that never completed), skipping those already queued or running, up to what the plan
+    still needs.
     Two workers doing this at the same moment may queue a point twice: the second copy is pruned when
     it starts (`_skip_reason`). Returns the queued points."""
     trials = study.get_trials(deepcopy=False)
@@ -138,7 +139,7 @@ def enqueue_missing(study: optuna.Study, space: SearchSpace, planned: int) -> li
             pending.append(_params(t))
     failed = [t.params for t in trials if t.state is TrialState.FAIL and t.params]
     queue: list[dict[str, Any]] = []
-    for point in space.grid or failed:
+    for point in space.grid or [*space.starts, *failed]:
         if not _covered(point, done + pending + queue):
             queue.append(point)
     queue = queue[:max(0, planned - len(done) - len(pending))]

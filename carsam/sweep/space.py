@@ -6,6 +6,10 @@ A space file defines
 - optionally `GRID: dict[str, list]`: a full grid, run point by point in its declared order (each
   point is queued as a fixed trial, so a rerun queues exactly the points not yet completed, failed
   ones included; Optuna's GridSampler counts failed points as visited, which would lose them);
+- optionally `START: list[dict]`: points (parameter name -> value) queued before the sampler's own, e.g.
+  the code defaults, so a study always measures its reference point and the report's ablation tables
+  (which hold runs at the defaults) are never empty after it; queued like grid points, so a rerun
+  queues only those not completed;
 - optionally `DIRECTION` ("maximize", the default, applies to `eval/mAP`), or `OBJECTIVES`, a sequence
   of `(name, direction)` pairs for a multi-objective study, e.g.
   `(("eval/mAP", "maximize"), ("bits", "minimize"))`. A name is a metric of the run record
@@ -49,6 +53,11 @@ class SearchSpace:
             return []
         keys = list(grid)
         return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+
+    @property
+    def starts(self) -> list[dict[str, Any]]:
+        """The space's START points (empty without them), in declared order."""
+        return [dict(point) for point in getattr(self.module, "START", None) or []]
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed)  # grid points arrive as queued fixed trials

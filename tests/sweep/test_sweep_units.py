@@ -235,3 +235,29 @@ def test_workers_share_the_cores_evenly_and_never_get_zero_threads():
     from carsam.sweep.runner import worker_threads
 
     assert [worker_threads(k, cpus=16) for k in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+
+
+def test_start_points_are_queued_first_and_only_until_completed(tmp_path, trial_overrides):
+    from tests.sweep.helpers import write_tpe_space
+
+    path = write_tpe_space(tmp_path)
+    path.write_text(path.read_text() + '\nSTART = [{"quant.w_bits": 6}]\n')
+    space = load_space(path)
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="tpe_space", storage=url, direction="maximize")
+    assert enqueue_missing(study, space, planned_trials(space, 2)) == [{"quant.w_bits": 6}]
+    assert enqueue_missing(study, space, planned_trials(space, 2)) == []  # already queued
+    study = run_sweep(path, trials=2, storage=url, runs_dir=str(tmp_path / "runs"), overrides=trial_overrides)
+    assert study.trials[0].params == {"quant.w_bits": 6} and states(study) == ["COMPLETE", "COMPLETE"]
+    assert enqueue_missing(study, space, planned_trials(space, 3)) == []  # a rerun does not repeat it
+
+
+@pytest.mark.parametrize("name", ["carsam_quick.py", "carsam_w4a4.py"])
+def test_carsam_spaces_start_at_the_code_defaults(name):
+    from carsam.config import JcarConfig, MacConfig, resolve
+
+    space = load_space(REPO / "sweeps" / name)
+    study = optuna.create_study(directions=space.directions, sampler=space.sampler(0))
+    study.enqueue_trial(space.starts[0])
+    config = resolve(space.experiment, space.overrides(study.ask()))
+    assert config.mac == MacConfig(enabled=True) and config.jcar == JcarConfig(enabled=True)
