@@ -27,8 +27,9 @@ setup: $(STAMP) ## create .venv and install carsam with pinned dependencies (ski
 system-packages: ## install the Debian packages some tests drive (chromium, postgresql) when root
 	bash tools/system-packages.sh
 
-lint: $(STAMP) ## ruff: pyflakes, pycodestyle, import order, 120 columns (config in pyproject.toml)
+lint: $(STAMP) ## ruff (pyflakes, pycodestyle, import order, 120 columns) on the tree; mypy on carsam/ (pyproject.toml)
 	$(BIN)/ruff check carsam tests bench tools analysis sweeps
+	$(BIN)/mypy
 
 test: $(STAMP) system-packages ## run the test suite (CPU only, no network), slowest 15 listed
 	$(BIN)/pytest -q --durations=15

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from carsam.config import ConfigError
 from carsam.data.coco import DatasetError
@@ -82,7 +83,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         print(f"dashboard: {build_dashboard(args.runs, args.out)}")
         return 0
     server = make_server(args.runs, args.host, args.port)
-    host, port = server.server_address[:2]
+    # after bind, server_address is getsockname()'s: an AF_INET(6) host is a str (typeshed also allows bytes)
+    host, port = cast("tuple[str, int]", server.server_address[:2])
     print(f"dashboard of {args.runs} at http://{host}:{port}/ (rebuilt on each load; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

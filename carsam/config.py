@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import yaml
 
@@ -29,7 +29,10 @@ from carsam.recon.block_io import INPUT_SOURCES
 from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
 from carsam.tracking import MODES as TRACKER_MODES
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 MODEL_TYPES = ("testbed", *REAL_MODEL_TYPES)
 DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
@@ -315,7 +318,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
-        return from_dict(hint, value, prefix=f"{key}.")
+        # a type hint is a class, never a dataclass instance
+        return from_dict(cast("type[DataclassInstance]", hint), value, prefix=f"{key}.")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {type(value).__name__}")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def replace_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+def replace_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp_path)` and rename the result onto `path` (creating parent folders)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def _memoised_sha256(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)
 
 
-def cached_file_sha256(path: str | Path) -> str:
+def memoised_file_sha256(path: str | Path) -> str:
     """`file_sha256` memoised on (resolved path, size, mtime_ns): a sweep hashes a 2.5 GB vit_h checkpoint,
     or a cached image, once; a touched file is hashed again, a replaced one gets its new hash."""
     resolved = Path(path).resolve()

@@ -29,7 +29,7 @@ from carsam.data.coco import CocoBoxPrompts
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.diagnostics.run import diagnose_run, diagnostic_images
 from carsam.eval.evaluate import EvalResult, box_as_mask_floor, evaluate
-from carsam.files import cached_file_sha256, write_text_atomic
+from carsam.files import memoised_file_sha256, write_text_atomic
 from carsam.methods.registry import Method, get_method
 from carsam.models.sam import build_model
 from carsam.quant.quantizers import QuantMode
@@ -53,6 +53,8 @@ class DataSets:
 
 def load_datasets(data: DataConfig, seed: int) -> DataSets:
     """Build (and, for the testbed, generate once) the evaluation and calibration sets."""
+    val_paths: tuple[Path, Path, Path | None]  # images, annotations, prompts (None: no prompts file)
+    calib_paths: tuple[Path, Path, Path | None]
     if data.is_synthetic:
         root = ensure_dataset(SyntheticSpec(seed=data.synthetic_seed), dataset_dir(data.synthetic_root,
                                                                                     data.synthetic_seed))
@@ -76,7 +78,7 @@ def model_description(model: ModelConfig) -> dict[str, Any]:
     checkpoint = Path(model.checkpoint) if model.checkpoint else TESTBED_CHECKPOINT
     sha = "missing"
     if checkpoint.is_file():
-        sha = cached_file_sha256(checkpoint)
+        sha = memoised_file_sha256(checkpoint)
     return {"type": model.type, "checkpoint": str(checkpoint), "sha256": sha}
 
 

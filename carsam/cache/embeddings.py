@@ -34,11 +34,13 @@ from torch.nn.modules import module as module_hooks
 
 from carsam.cache.store import CacheStats, EntryStore, canonical_key, image_file, numerics_fields
 from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
-from carsam.files import cached_file_sha256
+from carsam.files import memoised_file_sha256
 from carsam.quant.fp_reference import SUFFIX, fp_references
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 
 if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
     from carsam.data.coco import CocoBoxPrompts
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ CACHE_FORMAT = 1  # bump when what is stored, or how an embedding is computed, c
 EMBEDDINGS = "embeddings"
 
 
-def encoder_fields(sam: nn.Module) -> dict[str, Any]:
+def encoder_fields(sam: Sam) -> dict[str, Any]:
     """The encoder's architecture and preprocessing as built (what a checkpoint hash alone does not pin)."""
     encoder = sam.image_encoder
     param = next(encoder.parameters())
@@ -65,7 +67,7 @@ def embedding_key_fields(model: Mapping[str, Any], sam: nn.Module, device: torch
             "encoder": encoder_fields(sam), "numerics": numerics_fields(device), "image_sha256": image_sha256}
 
 
-def encoder_is_hooked(sam: nn.Module) -> bool:
+def encoder_is_hooked(sam: Sam) -> bool:
     """Whether a forward (pre-)hook would see the encoder run: one on `sam.image_encoder` or a module inside
     it, or a global module hook. A cached embedding would skip the hooks, so such passes encode."""
     if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
@@ -73,7 +75,7 @@ def encoder_is_hooked(sam: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in sam.image_encoder.modules())
 
 
-def encoder_is_fp(sam: nn.Module) -> bool:
+def encoder_is_fp(sam: Sam) -> bool:
     """Whether `sam.image_encoder` computes the FP encoder now: every quantizer in it in FP mode (or none
     there), and every Parameter with an FP reference (`carsam.quant.fp_reference`) holding that reference."""
     encoder = sam.image_encoder
@@ -82,7 +84,7 @@ def encoder_is_fp(sam: nn.Module) -> bool:
     return all(getattr(m, n).data_ptr() == getattr(m, n + SUFFIX).data_ptr() for m, n in fp_references(encoder))
 
 
-def encoder_snapshot(sam: nn.Module) -> tuple[Any, ...]:
+def encoder_snapshot(sam: Sam) -> tuple[Any, ...]:
     """A cheap fingerprint of the encoder's current computation: each quantizer's identity, mode and QDrop
     probability, and each Parameter's and buffer's storage and version counter. Any in-place change,
     reassignment or mode switch changes it."""
@@ -161,7 +163,7 @@ class EmbeddingStore(EntryStore):
 
     def key(self, sam: nn.Module, device: torch.device, image_path: str | Path) -> str:
         """The key of `image_path`'s FP embedding by `sam`'s encoder on `device`."""
-        return canonical_key(embedding_key_fields(self.model, sam, device, cached_file_sha256(image_path)))
+        return canonical_key(embedding_key_fields(self.model, sam, device, memoised_file_sha256(image_path)))
 
     def load(self, key: str) -> ImageEmbedding | None:
         """The stored embedding of `key` (features on CPU), or None if absent or unreadable (a warning)."""

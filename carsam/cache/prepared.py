@@ -38,7 +38,7 @@ from torch import nn
 
 import carsam
 from carsam.cache.store import CacheStats, EntryStore, canonical_key, image_file, numerics_fields
-from carsam.files import cached_file_sha256
+from carsam.files import memoised_file_sha256
 from carsam.quant.fp_reference import fp_references
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 from carsam.quant.state import set_quant_mode
@@ -86,7 +86,7 @@ def structure_sha256(model: nn.Module) -> str:
 
 def calibration_fields(calib: CocoBoxPrompts) -> list[dict[str, Any]]:
     """The calibration set as preparation sees it, in order: per image its file's SHA-256 and prompt boxes."""
-    return [{"image_sha256": cached_file_sha256(image_file(calib, image_id)),
+    return [{"image_sha256": memoised_file_sha256(image_file(calib, image_id)),
              "boxes": calib.prompts(image_id)[0].tolist()} for image_id in calib.image_ids]
 
 

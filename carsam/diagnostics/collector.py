@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,11 @@ from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import ImageEncoderViT, TwoWayTransformer
+
+    from carsam.models.adapters import AttentionTwin
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +85,13 @@ class AttentionSite:
 
     def heads_view(self, P: Tensor) -> Tensor:
         """The P given to `pv_matmul` as `(B, heads, Nq, Nk)` (the encoder's `(B*heads, N, N)` is split)."""
-        return P if P.dim() == 4 else P.reshape(-1, self.attention.num_heads, *P.shape[-2:])
+        # `attention_sites` hands out twins only
+        return P if P.dim() == 4 else P.reshape(-1, cast("AttentionTwin", self.attention).num_heads, *P.shape[-2:])
 
 
 def _decoder_sites(sam: nn.Module) -> list[AttentionSite]:
     """The attentions of each `TwoWayAttentionBlock` in call order, then the final token->image attention."""
-    transformer = sam.get_submodule(DECODER_SCOPE)
+    transformer: TwoWayTransformer = sam.get_submodule(DECODER_SCOPE)
     sites = [AttentionSite(module, i, f"{DECODER_SCOPE}.layers.{i}.{name}", getattr(block, name))
              for i, block in enumerate(transformer.layers) for module, name in BLOCK_ATTENTIONS]
     final = AttentionSite(TOKEN_TO_IMAGE, len(transformer.layers), f"{DECODER_SCOPE}.final_attn_token_to_image",
@@ -94,7 +101,7 @@ def _decoder_sites(sam: nn.Module) -> list[AttentionSite]:
 
 def _encoder_sites(sam: nn.Module) -> list[AttentionSite]:
     """The attention of each image-encoder block."""
-    blocks = sam.get_submodule(ENCODER_SCOPE).blocks
+    blocks = cast("ImageEncoderViT", sam.get_submodule(ENCODER_SCOPE)).blocks
     return [AttentionSite(ENCODER_ATTN, i, f"{ENCODER_SCOPE}.blocks.{i}.attn", b.attn) for i, b in enumerate(blocks)]
 
 
@@ -191,7 +198,8 @@ def _tapped(sites: Sequence[AttentionSite], sink: ProbsSink) -> Iterator[None]:
             sink(index, sites[index].heads_view(args[0].detach()))
         return hook
 
-    handles = [site.attention.pv_matmul.register_forward_pre_hook(hook_for(i)) for i, site in enumerate(sites)]
+    handles = [cast("AttentionTwin", site.attention).pv_matmul.register_forward_pre_hook(hook_for(i))
+               for i, site in enumerate(sites)]  # `attention_sites` hands out twins only
     try:
         yield
     finally:
@@ -219,13 +227,16 @@ class _PairedImage:
         call = self.seen[index]
         if call >= len(self.fp[index]):
             raise RuntimeError(f"{self.sites[index].path}: more calls in the quantized pass than in the FP pass")
-        P_fp, self.fp[index][call] = self.fp[index][call].to(P_q.device), None
+        # entries before `seen` are the consumed (None) ones; this one still holds its FP tensor
+        P_fp, self.fp[index][call] = cast(Tensor, self.fp[index][call]).to(P_q.device), None
         self.seen[index] += 1
         self.accumulator.add(index, call_stats(P_fp, P_q))
         if self.sites[index].token_to_image and self.mask_tokens is not None:
             self._add_mask_stats(index, P_fp, P_q)
 
     def _add_mask_stats(self, index: int, P_fp: Tensor, P_q: Tensor) -> None:
+        # `compare` calls this only once `mask_tokens` is set, and `has_mask` is set with it
+        assert self.mask_tokens is not None and self.has_mask is not None
         start = self.prompt_offset[index]
         stop = start + P_q.shape[0]
         self.prompt_offset[index] = stop

@@ -84,6 +84,7 @@ def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Mo
     start = time.perf_counter()
     scopes = quantized_scopes(config) if quantized and sam is not None else []
     if scopes:
+        assert sam is not None  # scopes is empty when sam is None
         images = diagnostic_images(val, settings.images) if images is None else list(images)
         frames.append(collect_attention_stats(sam, val, images, scopes, iou_threshold=settings.iou_threshold,
                                               source=source))

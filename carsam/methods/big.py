@@ -27,18 +27,19 @@ warns when they hold qparams.
 from __future__ import annotations
 
 import logging
+from typing import TypeAlias
 
 import torch
 from segment_anything.modeling import transformer
 from torch import Tensor, nn
 
-from carsam.models.adapters import QuantDecoderAttention
+from carsam.models.adapters import LinearLayer, QuantDecoderAttention
 from carsam.quant.quantizers import QuantizerBase
 
 logger = logging.getLogger(__name__)
 
 BIMODALITY_THRESHOLD = 5.0 / 9.0
-DecoderAttention = transformer.Attention | QuantDecoderAttention
+DecoderAttention: TypeAlias = transformer.Attention | QuantDecoderAttention
 
 
 def channel_signs(keys: Tensor) -> Tensor:
@@ -74,7 +75,7 @@ def is_bimodal(keys: Tensor, threshold: float = BIMODALITY_THRESHOLD) -> bool:
     return bimodality_coefficient(keys) > threshold
 
 
-def _projections(attn: DecoderAttention) -> tuple[nn.Module, nn.Module]:
+def _projections(attn: DecoderAttention) -> tuple[LinearLayer, LinearLayer]:
     if not isinstance(attn, (transformer.Attention, QuantDecoderAttention)):
         raise TypeError(f"fold_signs_ needs a decoder Attention or QuantDecoderAttention, got {type(attn).__name__}")
     return attn.q_proj, attn.k_proj

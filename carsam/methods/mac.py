@@ -59,7 +59,7 @@ from carsam.methods.mac_math import (
     with_ones,
 )
 from carsam.methods.ptq4sam import token_to_image_attentions
-from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
+from carsam.models.adapters import LinearLayer, QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.fp_reference import remember_fp_
@@ -90,7 +90,7 @@ class Projection:
     """One of q/k/v of an attention: the Linear holding it and its weight rows (output features)."""
 
     name: str
-    linear: nn.Module
+    linear: LinearLayer
     rows: slice
 
     @property
@@ -192,6 +192,9 @@ class StepCapture:
     the error meter always, and the normal equations of `proj` (None: measure only).
     """
 
+    fp_calls: list[dict[str, Tensor]]
+    call: dict[str, Tensor]
+
     def __init__(self, attn: Attention, proj: Projection | None) -> None:
         self.attn, self.proj, self.heads = attn, proj, attn.num_heads
         self.phase, self.fp_calls, self.index, self.call = PHASES[0], [], 0, {}
@@ -241,6 +244,7 @@ class StepCapture:
 
     def _normal_terms(self, fp: dict[str, Tensor], q: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """This call's contribution to the step's normal equations (see `carsam.methods.mac_math`)."""
+        assert self.proj is not None  # `_finish` calls this only with a projection
         a = with_ones(q["x"], self.proj.has_bias)  # (B, N, F)
         if self.proj.name == "v":
             return pv_normal_terms(q["probs_q"], a, fp["out"].double() - q["out"].double())
@@ -280,6 +284,8 @@ class FpCallMemo:
     `budget_bytes` (counted over the storages they hold) is reached; the rest run their FP phase each
     time (same numbers, more time).
     """
+
+    calls: dict[int, list[dict[str, Tensor]]]
 
     def __init__(self, budget_bytes: int = FP_MEMO_BYTES) -> None:
         self.budget_bytes, self.nbytes, self.calls = budget_bytes, 0, {}
@@ -360,6 +366,7 @@ def _solve(capture: StepCapture, damping: float, where: str) -> tuple[Tensor, fl
     gram, rhs = capture.system.gram, capture.system.rhs
     if gram is None or rhs is None:
         raise MacError(f"MAC: no calibration call reached {where}")
+    assert capture.proj is not None  # `_step` solves only for a capture built with a projection
     if capture.proj.name != "v":
         return solve_ridge(gram, rhs, damping, where)
     solved = [solve_ridge(gram[h], rhs[h], damping, f"{where} head {h}") for h in range(gram.shape[0])]
@@ -423,7 +430,7 @@ def mac_attentions(sam: nn.Module, targets: str) -> dict[str, Attention]:
         found = {**encoder, **found}
     if not found:
         raise MacError(f"MAC: no quantized attention for mac.targets='{targets}'; quantize_ the model first")
-    return found  # type: ignore[return-value]
+    return found
 
 
 def _not_ready(quantizer: Any) -> str | None:

@@ -33,18 +33,18 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from segment_anything.modeling import transformer
 from torch import Tensor, nn
 
 from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
-from carsam.methods.big import BIMODALITY_THRESHOLD, bimodality_coefficient, integrate_bimodal_
+from carsam.methods.big import BIMODALITY_THRESHOLD, DecoderAttention, bimodality_coefficient, integrate_bimodal_
 from carsam.methods.calibrate import calibrate_
 from carsam.methods.qdrop import qdrop_recipe
 from carsam.methods.registry import Method, register
-from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
+from carsam.models.adapters import AttentionTwin, QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE, quantize_
 from carsam.quant.logquant import TAUS, LogQuantizer, pv_error
 from carsam.quant.quantizers import QuantizerBase, QuantMode, iter_quantizers
@@ -82,7 +82,7 @@ def fp_calibration_pass(sam: nn.Module, calib: CocoBoxPrompts, source: Embedding
         protocol_pass(SamBoxPredictor(sam, source=source), calib)
 
 
-def token_to_image_attentions(sam: nn.Module) -> dict[str, nn.Module]:
+def token_to_image_attentions(sam: nn.Module) -> dict[str, DecoderAttention]:
     """The decoder's token->image attentions by path: each block's cross attention, then the final one."""
     scope = sam.get_submodule(DECODER_SCOPE)
     found = {f"{DECODER_SCOPE}.{path}.{name}": block.get_submodule(name) for path, block in scope.named_modules()
@@ -102,14 +102,14 @@ def _key_recorder(rows: list[Tensor]) -> Any:
     return lambda module, args, output: rows.append(_strided_rows(output, MAX_KEY_ROWS))
 
 
-def fold_bimodal_keys_(attentions: dict[str, nn.Module], keys: dict[str, Tensor],
+def fold_bimodal_keys_(attentions: dict[str, DecoderAttention], keys: dict[str, Tensor],
                        threshold: float = BIMODALITY_THRESHOLD) -> dict[str, dict[str, Any]]:
     """BIG on each attention from its FP keys `(R, C)`, in place. Returns per attention path: the bimodality
     coefficient of its keys, whether signs were folded and how many channels were negated."""
     report = {}
     for path, attn in attentions.items():
         coefficient = bimodality_coefficient(keys[path])
-        signs = integrate_bimodal_(attn, keys[path], threshold)  # type: ignore[arg-type]
+        signs = integrate_bimodal_(attn, keys[path], threshold)
         report[path] = {"bimodality": round(coefficient, 4), "folded": signs is not None,
                         "negated_channels": int((signs < 0).sum()) if signs is not None else 0}
     logger.info("BIG: folded %d of %d token->image attentions", sum(r["folded"] for r in report.values()),
@@ -125,7 +125,7 @@ def integrate_bimodal_keys_(sam: nn.Module, calib: CocoBoxPrompts, threshold: fl
     return fold_bimodal_keys_(attentions, keys, threshold)
 
 
-def softmax_attentions(sam: nn.Module, encoder: bool) -> dict[str, nn.Module]:
+def softmax_attentions(sam: nn.Module, encoder: bool) -> dict[str, AttentionTwin]:
     """Quantized attentions whose softmax-probability quantizer AGQ replaces: the decoder's, and the
     encoder's if `encoder`. Attentions whose probabilities stay FP (`nn.Identity`) are left out."""
     scopes = [DECODER_SCOPE] + ([ENCODER_SCOPE] if encoder else [])
@@ -154,13 +154,14 @@ class _PVErrors:
         return min(self.errors, key=self.errors.__getitem__)
 
 
-def collect_fp_statistics(sam: nn.Module, calib: CocoBoxPrompts, big: dict[str, nn.Module],
-                          agq: dict[str, nn.Module], source: EmbeddingSource | None = None
+def collect_fp_statistics(sam: nn.Module, calib: CocoBoxPrompts, big: dict[str, DecoderAttention],
+                          agq: dict[str, AttentionTwin], source: EmbeddingSource | None = None
                           ) -> tuple[dict[str, Tensor], dict[str, _PVErrors]]:
     """One FP pass over `calib` (module docstring, step 2): the keys `(R, C)` of each attention of `big` and
     the tau errors of each attention of `agq`. No pass runs when both are empty."""
     rows: dict[str, list[Tensor]] = {path: [] for path in big}
-    searches = {path: _PVErrors(attn.pv_matmul.lhs_quantizer.bits) for path, attn in agq.items()}
+    # `softmax_attentions` keeps only attentions whose probability quantizer is a QuantizerBase
+    searches = {path: _PVErrors(cast(QuantizerBase, attn.pv_matmul.lhs_quantizer).bits) for path, attn in agq.items()}
     hooks = [(attn.k_proj, _key_recorder(rows[path]), False) for path, attn in big.items()]
     hooks += [(attn.pv_matmul, searches[path], True) for path, attn in agq.items()]
     if hooks:
@@ -169,13 +170,14 @@ def collect_fp_statistics(sam: nn.Module, calib: CocoBoxPrompts, big: dict[str, 
     return {path: torch.cat(r) for path, r in rows.items()}, searches
 
 
-def adopt_searched_taus_(attentions: dict[str, nn.Module], searches: dict[str, _PVErrors]) -> dict[str, dict[str, Any]]:
+def adopt_searched_taus_(attentions: dict[str, AttentionTwin],
+                         searches: dict[str, _PVErrors]) -> dict[str, dict[str, Any]]:
     """AGQ: replace `pv_matmul.lhs_quantizer` of each attention by a `LogQuantizer` (same bits, scale 1) with
     the tau of least error in `searches`; in place. Returns tau, bits and the errors per path."""
     report = {}
     for path, attn in attentions.items():
         search = searches[path]
-        old = attn.pv_matmul.lhs_quantizer
+        old = cast(QuantizerBase, attn.pv_matmul.lhs_quantizer)  # a QuantizerBase: see `softmax_attentions`
         log_q = LogQuantizer(old.bits, tau=search.best(), scale=1.0).to(next(attn.parameters()).device)
         log_q.mode = old.mode
         attn.pv_matmul.lhs_quantizer = log_q
@@ -208,7 +210,7 @@ def rebuild_prepared_(sam: nn.Module, config: RunConfig, details: dict[str, Any]
     quantize_(sam, config.quant)
     device = next(sam.parameters()).device
     for path, chosen in details["agq"].items():
-        attn = sam.get_submodule(path)
+        attn = cast(AttentionTwin, sam.get_submodule(path))  # recorded from `softmax_attentions`
         attn.pv_matmul.lhs_quantizer = LogQuantizer(int(chosen["bits"]), tau=int(chosen["tau"]), scale=1.0).to(device)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from segment_anything.modeling import image_encoder, transformer
@@ -26,6 +27,7 @@ from carsam.quant.modules import QuantLinear, QuantMatMul
 from carsam.quant.quantizers import UniformQuantizer
 
 QuantizerFactory = Callable[[str], UniformQuantizer | None]
+LinearLayer = nn.Linear | QuantLinear  # what `quantize_linear` returns
 
 QUERY_QUANTIZER = "qk_matmul.lhs_quantizer"  # Q (scaled by 1/sqrt(d) in the encoder)
 KEY_QUANTIZER = "qk_matmul.rhs_quantizer"  # K transposed
@@ -34,7 +36,7 @@ VALUE_QUANTIZER = "pv_matmul.rhs_quantizer"  # V
 
 
 def quantize_linear(linear: nn.Linear, name: str, make_weight_q: QuantizerFactory,
-                    make_act_q: QuantizerFactory) -> nn.Module:
+                    make_act_q: QuantizerFactory) -> LinearLayer:
     """A `QuantLinear` sharing `linear`'s Parameters, or `linear` itself if both factories return None."""
     weight_q = make_weight_q(f"{name}.weight_quantizer")
     input_q = make_act_q(f"{name}.input_quantizer")
@@ -57,8 +59,8 @@ class QuantDecoderAttention(nn.Module):
     `qk_matmul(Q, Kᵀ)` `(B, h, Nq, Nk)`, `/ sqrt(d)`, softmax, `pv_matmul(P, V)` `(B, h, Nq, d)`.
     """
 
-    def __init__(self, embedding_dim: int, internal_dim: int, num_heads: int, q_proj: nn.Module, k_proj: nn.Module,
-                 v_proj: nn.Module, out_proj: nn.Module, qk_matmul: QuantMatMul, pv_matmul: QuantMatMul) -> None:
+    def __init__(self, embedding_dim: int, internal_dim: int, num_heads: int, q_proj: LinearLayer, k_proj: LinearLayer,
+                 v_proj: LinearLayer, out_proj: LinearLayer, qk_matmul: QuantMatMul, pv_matmul: QuantMatMul) -> None:
         super().__init__()
         self.embedding_dim, self.internal_dim, self.num_heads = embedding_dim, internal_dim, num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
@@ -70,7 +72,8 @@ class QuantDecoderAttention(nn.Module):
         """Build the twin of `attn`, sharing its Parameters."""
         linears = [quantize_linear(getattr(attn, n), n, make_weight_q, make_act_q)
                    for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
-        return cls(attn.embedding_dim, attn.internal_dim, attn.num_heads, *linears,
+        projections = cast("tuple[LinearLayer, LinearLayer, LinearLayer, LinearLayer]", linears)  # one per name
+        return cls(attn.embedding_dim, attn.internal_dim, attn.num_heads, *projections,
                    quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q))
 
     @staticmethod
@@ -106,7 +109,7 @@ class QuantEncoderAttention(nn.Module):
     the relative-position term (computed from the full-precision Q), softmax, `pv_matmul(P, V)`.
     """
 
-    def __init__(self, num_heads: int, scale: float, qkv: nn.Module, proj: nn.Module, qk_matmul: QuantMatMul,
+    def __init__(self, num_heads: int, scale: float, qkv: LinearLayer, proj: LinearLayer, qk_matmul: QuantMatMul,
                  pv_matmul: QuantMatMul, rel_pos_h: nn.Parameter | None, rel_pos_w: nn.Parameter | None) -> None:
         super().__init__()
         self.num_heads, self.scale = num_heads, scale
@@ -140,3 +143,6 @@ class QuantEncoderAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, use_rel_pos={self.use_rel_pos}"
+
+
+AttentionTwin = QuantDecoderAttention | QuantEncoderAttention

@@ -162,7 +162,7 @@ def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig)
     if isinstance(child, (transformer.Attention, image_encoder.Attention)):
         maker = QuantizerMaker(config, path, _device(child))
         twin_cls = QuantDecoderAttention if isinstance(child, transformer.Attention) else QuantEncoderAttention
-        return twin_cls.from_attention(child, maker.weight, maker.act)  # type: ignore[arg-type]
+        return twin_cls.from_attention(child, maker.weight, maker.act)
     maker = QuantizerMaker(config, path.rsplit(".", 1)[0], _device(child))
     if isinstance(child, nn.Linear):
         return quantize_linear(child, name, maker.weight, maker.act)

@@ -59,6 +59,10 @@ class AdaRoundQuantizer(QuantizerBase):
     and is what `finalize_adaround_` puts back.
     """
 
+    original: UniformQuantizer
+    scale: Tensor
+    zero_point: Tensor
+
     def __init__(self, quantizer: UniformQuantizer, weight: Tensor) -> None:
         super().__init__(quantizer.bits)
         if not quantizer.is_calibrated:

@@ -13,10 +13,12 @@ probability quantizer for AGQ's `LogQuantizer`; `nn.Identity` leaves that operan
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carsam.quant.quantizers import QuantMode, UniformQuantizer
+from carsam.quant.quantizers import QuantizerBase, QuantMode, UniformQuantizer
 
 Quantizer = UniformQuantizer | nn.Identity  # nn.Identity: that operand stays full precision
 
@@ -25,7 +27,7 @@ class _WeightQuantMixin:
     """Weight handling shared by the quantized weight layers."""
 
     weight: nn.Parameter
-    weight_quantizer: Quantizer
+    weight_quantizer: Quantizer | QuantizerBase  # reconstruction may swap in an AdaRoundQuantizer
 
     def calibrate_weight(self) -> None:
         """Feed the weight to the weight quantizer's observer (replacing anything it had seen)."""
@@ -64,7 +66,8 @@ class QuantLinear(_WeightQuantMixin, nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_quantizer: Quantizer, input_quantizer: Quantizer) -> QuantLinear:
         """Wrap `linear`, sharing its `weight`/`bias` Parameters."""
-        return cls(linear.weight, linear.bias, weight_quantizer, input_quantizer)
+        # nn.Linear registers `weight` as an nn.Parameter; torch's annotation says only Tensor
+        return cls(cast(nn.Parameter, linear.weight), linear.bias, weight_quantizer, input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
         """x `(..., in_features)` -> `(..., out_features)`.
@@ -90,7 +93,7 @@ class QuantConv2d(_WeightQuantMixin, nn.Module):
         if conv.padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got '{conv.padding_mode}'")
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.weight = conv.weight
+        self.weight = cast(nn.Parameter, conv.weight)  # a Parameter; torch's annotation says only Tensor
         self.bias = conv.bias
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
@@ -119,6 +122,8 @@ class QuantMatMul(nn.Module):
 
     Shapes: lhs `(..., M, K)`, rhs `(..., K, N)` -> `(..., M, N)` (torch.matmul broadcasting).
     """
+
+    lhs_quantizer: Quantizer | QuantizerBase  # AGQ may swap in a LogQuantizer
 
     def __init__(self, lhs_quantizer: Quantizer, rhs_quantizer: Quantizer) -> None:
         super().__init__()

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from carsam.quant.observers import OBSERVERS, build_observer
+from carsam.quant.observers import OBSERVERS, Observer, build_observer
 from carsam.quant.primitives import fake_quantize, integer_range, qparams_from_range, validate_bits
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,9 @@ class ObservingQuantizer(QuantizerBase):
     Subclasses create `self.observer` and register the `scale` buffer.
     """
 
+    observer: Observer
+    scale: Tensor
+
     @property
     def is_calibrated(self) -> bool:
         """Whether `scale` holds values (from calibration, explicit setting or a state dict)."""
@@ -145,6 +148,8 @@ class UniformQuantizer(ObservingQuantizer):
     per channel; loading a state dict resizes them, so a calibrated checkpoint loads into a fresh one.
     `quant_prob` (QDrop, see the module docstring) defaults to 1.0.
     """
+
+    zero_point: Tensor
 
     def __init__(
         self,

@@ -64,6 +64,7 @@ from carsam.recon.units import ReconUnit, find_units
 from carsam.run_context import RunContext
 
 if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
     from carsam.config import ReconConfig
     from carsam.data.coco import CocoBoxPrompts
@@ -262,7 +263,7 @@ def rebuild_reconstructed_(sam: nn.Module, units: list[ReconUnit], recipe: UnitR
         set_quant_prob(module, 1.0)
 
 
-def encoder_stage_fields(sam: nn.Module, recon: ReconConfig, recipe: UnitRecipe,
+def encoder_stage_fields(sam: Sam, recon: ReconConfig, recipe: UnitRecipe,
                          units: list[ReconUnit]) -> dict[str, Any]:
     """What reconstructing the encoder units depends on besides the calibration set, code and RNG state:
     the encoder's current state (weights, qparams, quantizer modes), architecture and preprocessing, the
@@ -272,7 +273,7 @@ def encoder_stage_fields(sam: nn.Module, recon: ReconConfig, recipe: UnitRecipe,
             "curve_points": recon.curve_points, "recipe": dataclasses.asdict(recipe), "units": [u.name for u in units]}
 
 
-def reconstruct_encoder_units_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
+def reconstruct_encoder_units_(sam: Sam, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
                                units: list[ReconUnit], context: RunContext) -> list[dict[str, Any]]:
     """`reconstruct_units_` on the image-encoder units, through the run's prepared-model store when it has
     one (`context.prepared`, `carsam.cache.prepared`: restored when the encoder, settings, recipe,

@@ -22,7 +22,7 @@ modules the model holds now (after `quantize_` or AdaRound swaps).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from segment_anything.modeling import transformer as sam_transformer
 from torch import Tensor, nn
@@ -207,7 +207,7 @@ class DecoderSpan(nn.Module):
     @property
     def names(self) -> tuple[str, ...]:
         """The names of the steps it runs, in order."""
-        return tuple(step.name for step in self.steps)
+        return tuple(cast(DecoderStep, step).name for step in self.steps)  # __init__ fills it with DecoderSteps
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
         state = run_from(self.steps, DecoderState(queries, keys, query_pe, key_pe))

@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -38,6 +38,9 @@ from carsam.recon.schedules import RoundingSchedule, cosine_factor
 from carsam.recon.units import ReconUnit
 
 if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+    from torch.optim.lr_scheduler import LRScheduler
+
     from carsam.config import ReconConfig
 
 logger = logging.getLogger(__name__)
@@ -162,7 +165,7 @@ class ReconstructionStage(LightningModule):
             round_loss = recon.new_zeros(())
         return {**losses, ROUND_KEY: round_loss, TOTAL_KEY: recon + round_loss}
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         groups, factors = [], []
         alphas = [q.alpha for q in self.adarounds]
         if alphas:
@@ -296,7 +299,8 @@ def reconstruct_unit_plain(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, s
     with _training(module, device, stage.trainable(), settings.seed):
         start = time.perf_counter()
         for sample in block_io.stream(order, device):
-            stage.optimization_step(sample, config["optimizer"], config["lr_scheduler"])
+            # configure_optimizers puts a LambdaLR there, never a scheduler config or ReduceLROnPlateau
+            stage.optimization_step(sample, config["optimizer"], cast("LRScheduler", config["lr_scheduler"]))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

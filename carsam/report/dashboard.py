@@ -60,7 +60,7 @@ def _json_safe(obj: Any) -> Any:
 
 def _run_entry(rec: dict[str, Any], has_diagnostics: bool) -> dict[str, Any]:
     """The table fields of one record."""
-    entry = {key: rec.get(key) for key in RUN_KEYS}
+    entry: dict[str, Any] = {key: rec.get(key) for key in RUN_KEYS}
     entry["metrics"] = dict(rec.get("metrics") or {})
     entry["timings"] = dict(rec.get("timings") or {})
     entry["seconds"] = entry["timings"].get("total")

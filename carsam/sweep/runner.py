@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 import torch
@@ -67,7 +67,7 @@ def _skip_reason(trial: optuna.Trial, planned: int | None) -> str | None:
     complete = [t for t in trials if t.state is TrialState.COMPLETE]
     point = this.system_attrs.get("fixed_params")
     for other in (complete + [t for t in running if t.number < trial.number]) if point else []:
-        if _covered(point, [_params(other)]):
+        if _covered(cast("dict[str, Any]", point), [_params(other)]):  # the loop runs only when point is set
             return f"duplicate of trial {other.number}"
     if planned is not None and len(complete) + len(running) > planned:
         return f"surplus: the study has its {planned} trials completed or running"

@@ -23,7 +23,7 @@ import importlib.util
 import itertools
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal, cast
 
 import optuna
 
@@ -71,8 +71,9 @@ class SearchSpace:
         return tuple((str(name), str(direction)) for name, direction in declared)
 
     @property
-    def directions(self) -> list[str]:
-        return [direction for _, direction in self.objectives]
+    def directions(self) -> list[Literal["maximize", "minimize"]]:
+        # `load_space` (`_check_objectives`) rejects any other direction
+        return cast("list[Literal['maximize', 'minimize']]", [direction for _, direction in self.objectives])
 
 
 def objective_value(name: str, record: Any) -> float:

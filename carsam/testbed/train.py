@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -74,8 +75,8 @@ def load_training_set(images_dir: Path, annotations_file: Path, img_size: int) -
         pixels = np.asarray(Image.open(Path(images_dir) / info["file_name"]).convert("RGB"))
         resized = resize.apply_image(pixels)
         h, w = resized.shape[:2]
-        inst = np.stack([mask_utils.decode(a["segmentation"]) for a in anns])
-        inst = F.interpolate(torch.from_numpy(inst)[None].float(), size=(h, w), mode="nearest")[0] > 0.5
+        decoded = np.stack([mask_utils.decode(a["segmentation"]) for a in anns])
+        inst = F.interpolate(torch.from_numpy(decoded)[None].float(), size=(h, w), mode="nearest")[0] > 0.5
         images.append(torch.from_numpy(resized).permute(2, 0, 1).contiguous())
         masks.append(inst)
     return TrainingSet(images, masks)
@@ -183,7 +184,7 @@ def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec) -> list[dict[str
         running.append({"loss": loss.item(), **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}})
         if (step + 1) % spec.log_every == 0 or step + 1 == spec.steps:
             entry = {k: float(np.mean([r[k] for r in running])) for k in running[0]}
-            entry.update(step=step + 1, lr=sched.get_last_lr()[0], seconds=time.perf_counter() - start)
+            entry.update(step=step + 1, lr=cast(float, sched.get_last_lr()[0]), seconds=time.perf_counter() - start)
             history.append(entry)
             logger.info("step %(step)d loss %(loss).4f train-IoU %(iou).3f lr %(lr).2e %(seconds).0fs", entry)
             running = []

@@ -42,7 +42,7 @@ def test_stream_weights_are_the_config_weights_divided_by_the_variance():
     weighted = JcarConfig(enabled=True, w_tokens=0.5, w_image=2.0, variance_weighting=True)
     assert jcar_stream_weights(SPAN, weighted, _cache()) == pytest.approx({"queries": 0.4, "keys": 2.0})
     assert jcar_stream_weights(SINGLE, weighted) == {"out": 1.0}
-    with pytest.raises(ValueError, match="block_io"):
+    with pytest.raises(ValueError, match="block I/O"):
         jcar_stream_weights(SPAN, weighted)
 
 
