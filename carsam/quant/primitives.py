@@ -89,6 +89,20 @@ def broadcast_to_axis(param: Tensor, ndim: int, ch_axis: int | None) -> Tensor:
     return param.reshape(shape)
 
 
+def clamp_ste(code: Tensor, qmin: int, qmax: int) -> Tensor:
+    """`clamp(code, qmin, qmax)` in the forward pass; gradient 1 where `qmin <= code <= qmax` (the grid ends
+    included) and 0 where the value is clipped. `code` any shape -> the same shape and dtype.
+
+    `torch.clamp` with scalar bounds passes gradient 0 *at* its bounds, which would stop the straight-through
+    gradient of every value that rounds to qmin or qmax (most softmax probabilities at 4 bits round to 0).
+    The forward value is `torch.clamp`'s exactly: codes are integer-valued, so `code + (clamp - code)` is exact.
+    """
+    clipped = torch.clamp(code, qmin, qmax)
+    passed = code + (clipped - code).detach()  # gradient 1 everywhere
+    inside = (code >= qmin) & (code <= qmax)
+    return torch.where(inside, passed, clipped.detach())
+
+
 def fake_quantize(
     x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, ch_axis: int | None = None
 ) -> Tensor:
@@ -102,10 +116,12 @@ def fake_quantize(
         ch_axis: channel axis of `x` for per-channel qparams, or None.
 
     Returns:
-        Tensor of `x`'s shape and dtype. Gradients: straight-through w.r.t. `x` inside the grid (zero
-        where clipped), and LSQ-style w.r.t. `scale` (the scale stays in the graph).
+        Tensor of `x`'s shape and dtype. Gradients (those of `torch._fake_quantize_learnable_per_*_affine`,
+        the LSQ+ op): straight-through w.r.t. `x` for every value whose rounded code lies in `[qmin, qmax]`,
+        the ends included, and 0 where clipped (`clamp_ste`); w.r.t. `scale`, `round(x/s) - x/s` inside the
+        grid and `qmin - z` / `qmax - z` where clipped below / above (the scale stays in the graph).
     """
     scale = broadcast_to_axis(scale, x.dim(), ch_axis)
     zero_point = broadcast_to_axis(zero_point, x.dim(), ch_axis)
-    q = torch.clamp(round_ste(x * scale.reciprocal()) + zero_point, qmin, qmax)
+    q = clamp_ste(round_ste(x * scale.reciprocal()) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).to(x.dtype)

@@ -95,3 +95,51 @@ def test_fake_quantize_gradients_ste_for_input_and_lsq_for_scale() -> None:
     fake_quantize(x, scale, zp, 0, 15).sum().backward()
     assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0]))  # clipped elements get no gradient
     assert scale.grad is not None and float(scale.grad) != 0.0
+
+
+def _grid_cases(axis: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values below, on and inside the ends of a 4-bit asymmetric grid (per tensor or per channel on axis 0),
+    with their qparams."""
+    gen = torch.Generator().manual_seed(3 if axis is None else 4)
+    x = torch.randn(5, 48, generator=gen) * 3
+    dims = None if axis is None else 1
+    xmin = x.min() * 0.6 if axis is None else x.amin(dim=dims) * 0.6
+    xmax = x.max() * 0.5 if axis is None else x.amax(dim=dims) * 0.5
+    scale, zp = qparams_from_range(xmin, xmax, 4, symmetric=False)
+    s = scale if axis is None else scale[:, None]
+    z = zp if axis is None else zp[:, None]
+    s, z = s.expand(5, 1)[:, 0], z.expand(5, 1)[:, 0]
+    x[:, 0], x[:, 1] = (0 - z) * s, (15 - z) * s  # exactly on qmin and qmax
+    return x, scale, zp
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_ste_passes_gradient_one_at_the_grid_ends_and_zero_where_clipped(axis: int | None) -> None:
+    x, scale, zp = _grid_cases(axis)
+    x = x.requires_grad_()
+    fake_quantize(x, scale, zp, 0, 15, ch_axis=axis).sum().backward()
+    s, z = (scale, zp) if axis is None else (scale[:, None], zp[:, None])
+    code = torch.round(x.detach() * s.reciprocal()) + z
+    inside = (code >= 0) & (code <= 15)
+    assert bool(((code == 0) | (code == 15)).any()) and bool((~inside).any())  # the case is exercised
+    assert torch.allclose(x.grad, inside.float(), rtol=1e-6, atol=0)  # 1 = s * (1/s) to the last bit or so
+    assert torch.equal(x.grad[~inside], torch.zeros_like(x.grad[~inside]))
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_ste_and_scale_gradients_equal_torch_learnable_fake_quant(axis: int | None) -> None:
+    x, scale, zp = _grid_cases(axis)
+    weights = torch.linspace(-1.0, 2.0, x.numel()).reshape(x.shape)  # a non-uniform upstream gradient
+    ours_x, ours_s = x.clone().requires_grad_(), scale.clone().requires_grad_()
+    (fake_quantize(ours_x, ours_s, zp, 0, 15, ch_axis=axis) * weights).sum().backward()
+    ref_x = x.clone().requires_grad_()
+    if axis is None:
+        ref_s = scale.reshape(1).clone().requires_grad_()
+        ref = torch._fake_quantize_learnable_per_tensor_affine(ref_x, ref_s, zp.reshape(1), 0, 15, 1.0)
+    else:
+        ref_s = scale.clone().requires_grad_()
+        ref = torch._fake_quantize_learnable_per_channel_affine(ref_x, ref_s, zp, axis, 0, 15, 1.0)
+    (ref * weights).sum().backward()
+    assert torch.equal(fake_quantize(x, scale, zp, 0, 15, ch_axis=axis), ref.detach())
+    assert torch.allclose(ours_x.grad, ref_x.grad, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(ours_s.grad, ref_s.grad.reshape(ours_s.shape), rtol=1e-5, atol=1e-6)
