@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import json
 import logging
 import resource
 import sys
@@ -177,9 +178,19 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
     return sam, data, recon
 
 
-def _record_evaluation(record: RunRecord, result: EvalResult, device: torch.device) -> None:
+SEGM_RESULTS_FILE = "segm_results.json"
+
+
+def _record_evaluation(record: RunRecord, run_dir: Path, result: EvalResult, data: DataSets,
+                       device: torch.device) -> None:
+    """The evaluation's metrics and counts into `record`, and its scored masks into `run_dir/segm_results.json`
+    (COCO results format: re-scored by pycocotools alone against the annotations file on the evaluated image
+    ids, which `details.segm_results` names, it gives the record's mAP)."""
+    write_text_atomic(run_dir / SEGM_RESULTS_FILE, json.dumps(result.results))
     record.metrics.update(result.metrics)
     record.details.update(eval_images=result.num_images, eval_prompts=result.num_prompts, eval_gt=result.num_gt,
+                          segm_results={"file": SEGM_RESULTS_FILE, "annotations": str(data.val.annotations_file),
+                                        "image_ids": result.image_ids},
                           **peak_memory_mb(device))
 
 
@@ -279,7 +290,7 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
         with _keep_for_diagnostics(config, sam, data, images, context):
             with _timed(record.timings, "evaluate"):
                 result = _evaluate(sam, data, context)
-            _record_evaluation(record, result, resolve_device(config.device))
+            _record_evaluation(record, run_dir, result, data, resolve_device(config.device))
             _record_cache(record, context)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
             diagnostics = _diagnose(config, method, record, run_dir, sam, data, images, recon, context)

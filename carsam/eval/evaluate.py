@@ -27,12 +27,18 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EvalResult:
-    """Metrics (`eval/mAP`, `eval/mAP50`, `eval/mIoU`, fractions in [0, 1]) and what they cover."""
+    """Metrics (`eval/mAP`, `eval/mAP50`, `eval/mIoU`, fractions in [0, 1]) and what they cover.
+
+    `results`: the scored masks in COCO results format (image_id, category_id, RLE segmentation with str
+    counts, score), and `image_ids` the evaluated images: `segm_map(coco, results, image_ids)` gives mAP.
+    """
 
     metrics: dict[str, float]
     num_images: int
     num_prompts: int
     num_gt: int
+    results: list[dict] = dataclasses.field(default_factory=list)
+    image_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -58,7 +64,8 @@ class _Tally:
         metrics = {"eval/mAP": segm["mAP"], "eval/mAP50": segm["mAP50"], "eval/mIoU": miou}
         logger.info("evaluated %d images, %d prompts, %d GT: %s", len(self.image_ids), self.num_prompts,
                     len(self.ious), {k: round(v, 4) for k, v in metrics.items()})
-        return EvalResult(metrics, len(self.image_ids), self.num_prompts, len(self.ious))
+        return EvalResult(metrics, len(self.image_ids), self.num_prompts, len(self.ious), self.results,
+                          list(self.image_ids))
 
 
 def _chosen_ids(dataset: CocoBoxPrompts, max_images: int | None, progress: bool, desc: str) -> Iterable[int]:
