@@ -30,7 +30,7 @@ from torch import nn
 from carsam.models.adapters import PROBS_QUANTIZER, QuantDecoderAttention, QuantEncoderAttention, quantize_linear
 from carsam.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantized_weight_modules
 from carsam.quant.observers import OBSERVERS
-from carsam.quant.primitives import validate_bits
+from carsam.quant.primitives import SYMMETRIC_SCALES, validate_bits
 from carsam.quant.quantizers import UniformQuantizer
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,14 @@ class LayerSettings:
     a_observer: str = "minmax"
     w_symmetric: bool = False
     a_symmetric: bool = False
+    symmetric_scale: str = "qmax"
 
     def __post_init__(self) -> None:
         for field in ("enabled", "w_symmetric", "a_symmetric"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"{field} must be true or false, got {getattr(self, field)!r}")
+        if self.symmetric_scale not in SYMMETRIC_SCALES:
+            raise ValueError(f"symmetric_scale must be one of {SYMMETRIC_SCALES}, got '{self.symmetric_scale}'")
         validate_bits(self.w_bits, "w_bits")
         validate_bits(self.a_bits, "a_bits")
         for field in ("w_observer", "a_observer"):
@@ -87,6 +90,7 @@ class QuantConfig:
     a_observer: str = "minmax"
     w_symmetric: bool = False
     a_symmetric: bool = False
+    symmetric_scale: str = "qmax"  # `half_range`: torch's / QDrop's absmax / (2^(b-1) - 0.5)
     quantize_encoder: bool = True
     quantize_decoder: bool = True
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
@@ -104,7 +108,7 @@ class QuantConfig:
     def base_settings(self) -> LayerSettings:
         """The settings before any override."""
         return LayerSettings(True, self.w_bits, self.a_bits, self.w_observer, self.a_observer,
-                             self.w_symmetric, self.a_symmetric)
+                             self.w_symmetric, self.a_symmetric, self.symmetric_scale)
 
     def settings_for(self, path: str) -> LayerSettings:
         """The settings of the module at `path` after the overrides that match it or an ancestor."""
@@ -142,7 +146,8 @@ class QuantizerMaker:
         s = self._settings(rel)
         if not s.enabled:
             return None
-        return UniformQuantizer(s.w_bits, s.w_symmetric, ch_axis=0, observer=s.w_observer).to(self.device)
+        return UniformQuantizer(s.w_bits, s.w_symmetric, ch_axis=0, observer=s.w_observer,
+                                symmetric_scale=s.symmetric_scale).to(self.device)
 
     def act(self, rel: str) -> UniformQuantizer | None:
         """Per-tensor activation quantizer (unsigned for the softmax probabilities)."""
@@ -150,7 +155,8 @@ class QuantizerMaker:
         if not s.enabled:
             return None
         symmetric = False if rel.endswith(PROBS_QUANTIZER) else s.a_symmetric
-        return UniformQuantizer(s.a_bits, symmetric, ch_axis=None, observer=s.a_observer).to(self.device)
+        return UniformQuantizer(s.a_bits, symmetric, ch_axis=None, observer=s.a_observer,
+                                symmetric_scale=s.symmetric_scale).to(self.device)
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -153,7 +153,7 @@ class MSEObserver(Observer):
     range (`alpha = 1`) wins ties, so the chosen error is never above min/max's on the sample.
     """
 
-    uses_qspec = True  # the quantizer passes its bits/symmetric to the constructor
+    uses_qspec = True  # the quantizer passes its bits/symmetric/symmetric_scale to the constructor
 
     def __init__(
         self,
@@ -164,11 +164,12 @@ class MSEObserver(Observer):
         grid: int = 100,
         max_samples: int = 2**20,
         seed: int = 0,
+        symmetric_scale: str = "qmax",
     ) -> None:
         super().__init__(ch_axis, seed)
         if grid < 1 or max_samples < 1 or p <= 0:
             raise ValueError(f"need grid >= 1, max_samples >= 1, p > 0; got {grid}, {max_samples}, {p}")
-        self.bits, self.symmetric = validate_bits(bits), symmetric
+        self.bits, self.symmetric, self.symmetric_scale = validate_bits(bits), symmetric, symmetric_scale
         self.p, self.grid, self.max_samples = p, grid, max_samples
         self._minmax = MinMaxObserver()
         self._reset_stats()
@@ -209,7 +210,7 @@ class MSEObserver(Observer):
 
         Same arithmetic as `fake_quantize`, written with in-place ops (no autograd, few allocations).
         """
-        scale, zero_point = qparams_from_range(lo, hi, self.bits, self.symmetric)
+        scale, zero_point = qparams_from_range(lo, hi, self.bits, self.symmetric, symmetric_scale=self.symmetric_scale)
         qmin, qmax = integer_range(self.bits, self.symmetric)
         s, z = scale[:, None], zero_point[:, None]
         err = rows * s.reciprocal()

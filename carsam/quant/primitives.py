@@ -20,6 +20,7 @@ from torch import Tensor
 
 MIN_BITS = 2
 MAX_BITS = 16
+SYMMETRIC_SCALES = ("qmax", "half_range")  # symmetric scale = absmax / qmax, or absmax / (2^(b-1) - 0.5)
 
 
 def validate_bits(bits: int, name: str = "bits") -> int:
@@ -39,7 +40,7 @@ def integer_range(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def qparams_from_range(
-    xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool, eps: float = 1e-8
+    xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool, eps: float = 1e-8, symmetric_scale: str = "qmax"
 ) -> tuple[Tensor, Tensor]:
     """Scale and zero point that cover `[xmin, xmax]` (widened to include 0), elementwise.
 
@@ -49,6 +50,9 @@ def qparams_from_range(
         symmetric: if True, the grid is `[-absmax, absmax]` with `absmax = max(|xmin|, |xmax|)`,
             `scale = absmax / qmax` (no clipping of either endpoint) and `zero_point = 0`.
         eps: lower bound on the scale (an all-zero range gets scale `eps`).
+        symmetric_scale: `qmax` (the above) or `half_range`, `scale = absmax / ((qmax - qmin) / 2)` =
+            `absmax / (2^(b-1) - 0.5)`, the convention of torch's observers and QDrop's code (it clips
+            `+absmax` by half a step and spends the grid evenly on both signs). Ignored when asymmetric.
 
     Returns:
         `(scale, zero_point)`, float32 tensors of the ranges' shape; `zero_point` is integer-valued
@@ -57,9 +61,12 @@ def qparams_from_range(
     qmin, qmax = integer_range(bits, symmetric)
     xmin = torch.clamp(torch.as_tensor(xmin, dtype=torch.float32), max=0.0)
     xmax = torch.clamp(torch.as_tensor(xmax, dtype=torch.float32), min=0.0)
+    if symmetric_scale not in SYMMETRIC_SCALES:
+        raise ValueError(f"symmetric_scale must be one of {SYMMETRIC_SCALES}, got '{symmetric_scale}'")
     if symmetric:
         absmax = torch.maximum(-xmin, xmax)
-        scale = torch.clamp(absmax / qmax, min=eps)
+        levels = qmax if symmetric_scale == "qmax" else (qmax - qmin) / 2
+        scale = torch.clamp(absmax / levels, min=eps)
         return scale, torch.zeros_like(scale)
     scale = torch.clamp((xmax - xmin) / (qmax - qmin), min=eps)
     zero_point = torch.clamp(torch.round(qmin - xmin / scale), qmin, qmax)

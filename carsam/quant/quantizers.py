@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from carsam.quant.observers import OBSERVERS, Observer, build_observer
-from carsam.quant.primitives import fake_quantize, integer_range, qparams_from_range, validate_bits
+from carsam.quant.primitives import SYMMETRIC_SCALES, fake_quantize, integer_range, qparams_from_range, validate_bits
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,7 @@ class UniformQuantizer(ObservingQuantizer):
         symmetric: symmetric signed grid with zero point 0, else asymmetric unsigned grid.
         ch_axis: channel axis for per-channel qparams (0 for Linear/Conv weights), or None.
         observer: name of the range estimator (see `carsam.quant.observers.OBSERVERS`).
+        symmetric_scale: `qmax` or `half_range`, the step of a symmetric grid (`qparams_from_range`).
         **observer_kwargs: passed to the observer (e.g. `percentile=99.9`, `grid=50`).
 
     Buffers `scale` and `zero_point` are empty until calibrated, then shape `()` per tensor or `(C,)`
@@ -157,10 +158,13 @@ class UniformQuantizer(ObservingQuantizer):
         symmetric: bool = False,
         ch_axis: int | None = None,
         observer: str = "minmax",
+        symmetric_scale: str = "qmax",
         **observer_kwargs: Any,
     ) -> None:
         super().__init__(bits)
-        self.symmetric = symmetric
+        if symmetric_scale not in SYMMETRIC_SCALES:
+            raise ValueError(f"symmetric_scale must be one of {SYMMETRIC_SCALES}, got '{symmetric_scale}'")
+        self.symmetric, self.symmetric_scale = symmetric, symmetric_scale
         self.ch_axis = ch_axis
         self.qmin, self.qmax = integer_range(self.bits, symmetric)
         self.observer_name = observer
@@ -171,7 +175,7 @@ class UniformQuantizer(ObservingQuantizer):
     def _observer_kwargs(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = {"ch_axis": self.ch_axis, **kwargs}
         if getattr(OBSERVERS.get(name), "uses_qspec", False):
-            kwargs.update(bits=self.bits, symmetric=self.symmetric)
+            kwargs.update(bits=self.bits, symmetric=self.symmetric, symmetric_scale=self.symmetric_scale)
         return kwargs
 
 
@@ -198,7 +202,8 @@ class UniformQuantizer(ObservingQuantizer):
     def finalize_calibration(self) -> None:
         """Set `scale`/`zero_point` from the observer's range, then reset the observer (frees its data)."""
         xmin, xmax = self.observer.compute_range()
-        scale, zero_point = qparams_from_range(xmin, xmax, self.bits, self.symmetric)
+        scale, zero_point = qparams_from_range(xmin, xmax, self.bits, self.symmetric,
+                                               symmetric_scale=self.symmetric_scale)
         self.set_qparams(scale, zero_point)
         self.observer.reset()
 
@@ -239,7 +244,7 @@ class UniformQuantizer(ObservingQuantizer):
 
     def extra_repr(self) -> str:
         granularity = "per_tensor" if self.ch_axis is None else f"per_channel(axis={self.ch_axis})"
-        sym = "sym" if self.symmetric else "asym"
+        sym = "asym" if not self.symmetric else "sym" if self.symmetric_scale == "qmax" else "sym(half_range)"
         drop = f", quant_prob={self.quant_prob}" if self.quant_prob != 1.0 else ""
         return f"bits={self.bits}, {sym}, {granularity}, observer={self.observer_name}, mode={self.mode.value}{drop}"
 

@@ -178,3 +178,16 @@ def test_mse_weight_ranges_beat_minmax_on_the_model_weights(fp_testbed: Sam) -> 
     assert sam.get_submodule(f"{attn}.q_proj.weight_quantizer").observer_name == "minmax"
     assert models[0].get_submodule(f"{attn}.q_proj.weight_quantizer").observer_name == "mse"
     assert errors[0] < errors[1]
+
+
+def test_symmetric_scale_reaches_every_quantizer_and_its_observer(fp_testbed):
+    import copy
+
+    from carsam.quant.observers import MSEObserver
+
+    sam = quantize_(copy.deepcopy(fp_testbed), QuantConfig(w_symmetric=True, symmetric_scale="half_range"))
+    quantizers = [q for _, q in iter_quantizers(sam) if isinstance(q, UniformQuantizer)]
+    assert quantizers and {q.symmetric_scale for q in quantizers} == {"half_range"}
+    mse = [q.observer for q in quantizers if isinstance(q.observer, MSEObserver)]
+    assert mse and {o.symmetric_scale for o in mse} == {"half_range"}
+    assert "sym(half_range)" in repr(sam.mask_decoder.transformer.layers[0].mlp.lin1.weight_quantizer)

@@ -143,3 +143,25 @@ def test_ste_and_scale_gradients_equal_torch_learnable_fake_quant(axis: int | No
     assert torch.equal(fake_quantize(x, scale, zp, 0, 15, ch_axis=axis), ref.detach())
     assert torch.allclose(ours_x.grad, ref_x.grad, rtol=1e-6, atol=1e-7)
     assert torch.allclose(ours_s.grad, ref_s.grad.reshape(ours_s.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_half_range_symmetric_scale_is_torchs_convention(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(1000, generator=gen) * 2 + 0.3
+    scale, zp = qparams_from_range(x.min(), x.max(), bits, symmetric=True, symmetric_scale="half_range")
+    qmin, qmax = integer_range(bits, symmetric=True)
+    observer = torch.ao.quantization.MinMaxObserver(qscheme=torch.per_tensor_symmetric, dtype=torch.qint32,
+                                                   quant_min=qmin, quant_max=qmax)
+    observer(x)
+    ref_scale, ref_zp = observer.calculate_qparams()
+    absmax = torch.maximum(-x.min(), x.max())
+    assert torch.allclose(scale, absmax / (2 ** (bits - 1) - 0.5), rtol=1e-7)
+    assert torch.allclose(scale, ref_scale.reshape(()), rtol=1e-6) and int(zp) == int(ref_zp) == 0
+    default, _ = qparams_from_range(x.min(), x.max(), bits, symmetric=True)
+    assert torch.allclose(default, absmax / qmax, rtol=1e-7)  # the default stays absmax / qmax
+
+
+def test_unknown_symmetric_scale_is_refused() -> None:
+    with pytest.raises(ValueError, match="symmetric_scale must be one of"):
+        qparams_from_range(torch.tensor(-1.0), torch.tensor(1.0), 4, symmetric=True, symmetric_scale="absmax")
