@@ -20,6 +20,7 @@ import yaml
 from carsam.data.coco import PROMPT_SOURCES
 from carsam.diagnostics.collector import SCOPES as COLLECTOR_SCOPES
 from carsam.methods.mac import ORDERS as MAC_ORDERS
+from carsam.methods.mac import SOLVERS as MAC_SOLVERS
 from carsam.methods.mac import STEPS as MAC_STEPS
 from carsam.methods.mac import TARGETS as MAC_TARGETS
 from carsam.methods.registry import method_names
@@ -169,7 +170,10 @@ class MacConfig:
     `variant`: `qk` (q_proj then k_proj so that the scores with quantized operands match the FP
     scores), `pv` (v_proj so that P_hat V' matches P V), or `both`. `strength` alpha in [0, 1]:
     W <- W + alpha * dW. `damping`: ridge lambda relative to the mean diagonal of the normal matrix
-    (GPTQ's 1%). `targets`: which attentions. `order`: before or after reconstruction.
+    (GPTQ's 1%). `targets`: which attentions. `order`: before or after reconstruction. `solver` (q/k steps):
+    `target_queries` (per sample the target operands that reproduce the FP scores, then one ridge fit of
+    the projection) or `sylvester` (the paper's form: the separable normal equations solved as
+    `AX + XB = C` by Bartels-Stewart; exact when all samples share a key Gram; see `carsam.methods.mac_math`).
 
     The defaults are carsam's CAR-SAM reading (MAC-QK at full strength on the token->image attentions,
     before reconstruction), chosen on the decoder-only W4A4 testbed ablation (docs/results.md); the
@@ -182,10 +186,11 @@ class MacConfig:
     damping: float = 0.01
     targets: str = "token_to_image"
     order: str = "before"
+    solver: str = "target_queries"
 
     def __post_init__(self) -> None:
         for key, value, valid in (("variant", self.variant, MAC_VARIANTS), ("targets", self.targets, MAC_TARGETS),
-                                  ("order", self.order, MAC_ORDERS)):
+                                  ("order", self.order, MAC_ORDERS), ("solver", self.solver, MAC_SOLVERS)):
             if value not in valid:
                 raise ConfigError(f"mac.{key} must be one of {valid}, got '{value}'")
         if not 0.0 <= self.strength <= 1.0:

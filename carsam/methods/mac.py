@@ -55,7 +55,9 @@ from carsam.methods.mac_math import (
     pv_normal_terms,
     query_residual,
     score_error_terms,
+    separable_terms,
     solve_ridge,
+    solve_separable,
     with_ones,
 )
 from carsam.methods.ptq4sam import token_to_image_attentions
@@ -77,6 +79,7 @@ PHASES = ("fp", "quantized")
 STEPS = {"qk": ("q", "k"), "pv": ("v",), "both": ("q", "k", "v")}  # per variant, the projections corrected
 TARGETS = ("token_to_image", "decoder", "all")  # t2i attentions only / every decoder attention / + encoder
 ORDERS = ("before", "after")  # relative to reconstruction
+SOLVERS = ("target_queries", "sylvester")  # q/k steps: per-sample target operands + ridge, or the paper's form
 ENCODER_Q_SKIPPED = "encoder: the relative-position term depends on the unquantized queries (see mac.py)"
 Attention = QuantDecoderAttention | QuantEncoderAttention
 Sample = Callable[[str], None]  # runs one calibration sample through the model in phase "fp" | "quantized"
@@ -174,14 +177,20 @@ class ErrorMeter:
 
 @dataclasses.dataclass
 class NormalEquations:
-    """Running `Σ AᵀA` and `Σ AᵀR` (shapes set by the first `add`)."""
+    """Running `Σ AᵀA` and `Σ AᵀR` (shapes set by the first `add`); for the Sylvester form also the summed
+    key Gram `Σ K̂ᵀK̂` `(h, d, d)` and the number of samples `n` (`carsam.methods.mac_math.separable_terms`)."""
 
     gram: Tensor | None = None
     rhs: Tensor | None = None
+    key_gram: Tensor | None = None
+    samples: int = 0
 
-    def add(self, gram: Tensor, rhs: Tensor) -> None:
+    def add(self, gram: Tensor, rhs: Tensor, key_gram: Tensor | None = None, samples: int = 0) -> None:
         self.gram = gram if self.gram is None else self.gram + gram
         self.rhs = rhs if self.rhs is None else self.rhs + rhs
+        if key_gram is not None:
+            self.key_gram = key_gram if self.key_gram is None else self.key_gram + key_gram
+        self.samples += samples
 
 
 class StepCapture:
@@ -195,8 +204,10 @@ class StepCapture:
     fp_calls: list[dict[str, Tensor]]
     call: dict[str, Tensor]
 
-    def __init__(self, attn: Attention, proj: Projection | None) -> None:
-        self.attn, self.proj, self.heads = attn, proj, attn.num_heads
+    def __init__(self, attn: Attention, proj: Projection | None, solver: str = "target_queries") -> None:
+        if solver not in SOLVERS:
+            raise MacError(f"MAC: mac.solver must be one of {SOLVERS}, got '{solver}'")
+        self.attn, self.proj, self.heads, self.solver = attn, proj, attn.num_heads, solver
         self.phase, self.fp_calls, self.index, self.call = PHASES[0], [], 0, {}
         self.meter, self.system = ErrorMeter(), NormalEquations()
         self.handles = self._register()
@@ -239,8 +250,18 @@ class StepCapture:
             raise MacError("MAC: the quantized pass called the attention more often than the FP pass")
         fp, self.index = self.fp_calls[self.index], self.index + 1
         self.meter.add(fp, call)
-        if self.proj is not None:
+        if self.proj is not None and self.solver == "sylvester" and self.proj.name != "v":
+            self.system.add(*self._separable_terms(fp, call))
+        elif self.proj is not None:
             self.system.add(*self._normal_terms(fp, call))
+
+    def _separable_terms(self, fp: dict[str, Tensor], q: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
+        """This call's contribution to the Sylvester system of the q or k step (`mac_math.separable_terms`)."""
+        assert self.proj is not None  # `_finish` calls this only with a projection
+        a = with_ones(q["x"], self.proj.has_bias)  # (B, N, F)
+        if self.proj.name == "q":
+            return separable_terms(a, fp["lhs"], fp["rhs"], q["lhs"], q["rhs_q"])
+        return separable_terms(a, fp["rhs"], fp["lhs"], q["rhs"], q["lhs_q"])
 
     def _normal_terms(self, fp: dict[str, Tensor], q: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """This call's contribution to the step's normal equations (see `carsam.methods.mac_math`)."""
@@ -367,6 +388,9 @@ def _solve(capture: StepCapture, damping: float, where: str) -> tuple[Tensor, fl
     if gram is None or rhs is None:
         raise MacError(f"MAC: no calibration call reached {where}")
     assert capture.proj is not None  # `_step` solves only for a capture built with a projection
+    key_gram = capture.system.key_gram
+    if capture.proj.name != "v" and key_gram is not None:  # the Sylvester form
+        return solve_separable(gram, rhs, key_gram / capture.system.samples, damping, where)
     if capture.proj.name != "v":
         return solve_ridge(gram, rhs, damping, where)
     solved = [solve_ridge(gram[h], rhs[h], damping, f"{where} head {h}") for h in range(gram.shape[0])]
@@ -374,9 +398,10 @@ def _solve(capture: StepCapture, damping: float, where: str) -> tuple[Tensor, fl
 
 
 def _step(attn: Attention, model: nn.Module, samples: Sequence[Sample], proj: Projection | None, strength: float,
-          damping: float, name: str, fp_memo: FpCallMemo | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+          damping: float, name: str, fp_memo: FpCallMemo | None = None, solver: str = "target_queries"
+          ) -> tuple[dict[str, float], dict[str, Any]]:
     """One paired pass measuring the current errors and, for `proj`, solving and applying its correction."""
-    capture = StepCapture(attn, proj)
+    capture = StepCapture(attn, proj, solver)
     try:
         run_pairs(model, samples, capture, fp_memo)
     finally:
@@ -393,16 +418,17 @@ def _step(attn: Attention, model: nn.Module, samples: Sequence[Sample], proj: Pr
 
 def correct_attention_(attn: Attention, model: nn.Module, samples: Sequence[Sample], steps: Sequence[str],
                        strength: float, damping: float, name: str,
-                       fp_memo_bytes: int = FP_MEMO_BYTES) -> dict[str, Any]:
+                       fp_memo_bytes: int = FP_MEMO_BYTES, solver: str = "target_queries") -> dict[str, Any]:
     """Apply the MAC `steps` (`q`, `k`, `v`, in order) to `attn`, each solved on fresh paired passes of
     `samples` through `model`; in place. The FP phase runs once per sample (`FpCallMemo`, up to
-    `fp_memo_bytes`; 0 runs it in every pass). Returns per step its solve record and the errors before/after."""
+    `fp_memo_bytes`; 0 runs it in every pass). `solver`: how the q and k steps solve (`SOLVERS`; the v step
+    is the same closed form for both). Returns per step its solve record and the errors before/after."""
     records: dict[str, dict[str, Any]] = {}
     previous = None
     fp_memo = FpCallMemo(fp_memo_bytes)
     for step in (*steps, None):
         proj = projection(attn, step) if step is not None else None
-        errors, solved = _step(attn, model, samples, proj, strength, damping, name, fp_memo)
+        errors, solved = _step(attn, model, samples, proj, strength, damping, name, fp_memo, solver)
         if previous is not None:
             records[previous].update({f"{k}_after": v for k, v in errors.items()})
         if step is not None:
@@ -469,7 +495,7 @@ def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
     check_ready(sam)
     embeddings: dict[tuple[int, str], ImageEmbedding] | None = None
     record: dict[str, Any] = {"variant": mac.variant, "strength": mac.strength, "damping": mac.damping,
-                              "targets": mac.targets, "attentions": {}}
+                              "targets": mac.targets, "solver": mac.solver, "attentions": {}}
     start = time.perf_counter()
     for path, attn in mac_attentions(sam, mac.targets).items():
         encoder = isinstance(attn, QuantEncoderAttention)
@@ -478,7 +504,7 @@ def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
         samples = sam_samples(sam, calib, encoder, None if encoder else embeddings, source)
         began = time.perf_counter()
         steps = correct_attention_(attn, sam, samples, steps_for(mac.variant, encoder), mac.strength, mac.damping,
-                                   path)
+                                   path, solver=mac.solver)
         if encoder and "q" in STEPS[mac.variant]:
             steps = {"q": {"skipped": ENCODER_Q_SKIPPED}, **steps}
         record["attentions"][path] = {"kind": "encoder" if encoder else "decoder",
@@ -489,6 +515,7 @@ def apply_mac_(sam: nn.Module, calib: CocoBoxPrompts, mac: MacConfig, *,
     return record
 
 
-__all__ = ["FP_MEMO_BYTES", "FpCallMemo", "MacError", "Projection", "StepCapture", "apply_correction_", "apply_mac_",
+__all__ = ["FP_MEMO_BYTES", "SOLVERS", "FpCallMemo", "MacError", "Projection", "StepCapture", "apply_correction_",
+           "apply_mac_",
            "attention_errors", "check_ready", "correct_attention_", "mac_attentions", "projection",
            "refresh_weight_range_", "run_pairs", "sam_samples", "steps_for"]

@@ -20,6 +20,17 @@ per head.
   key operand before `rhs_quantizer`.
 - Values: per head `M = P̂ A_v`, `R = P V − P̂ V̂` (the quantized `pv_matmul` output),
   `ΔΘ_h = (Σ MᵀM + λ_h I)⁻¹ Σ MᵀR`; exact when the output error equals `P̂ A_v ΔΘ` for some `ΔΘ`.
+
+The paper's form (`mac.solver: sylvester`): minimise `‖S − A(Θ̂ + Δ)K̂ᵀ‖² + λ‖Δ‖²` with the key error
+fixed. Per sample i (one box prompt of one image: its `A_i` rows and the image's keys `K̂_i`) the normal
+equations are `Σ_i G_xi Δ G_ki + λΔ = Σ_i A_iᵀ E_i K̂_i` (`G_x = AᵀA`, `G_k = K̂ᵀK̂`, `E = S − L̂₀K̂ᵀ`): a
+sum of Kronecker products, not separable. The Sylvester form stacks the samples as if every sample's
+queries met the *mean* key Gram: `G_x Δ Ḡ_k + λΔ = C`, `G_x = Σ G_xi`, `Ḡ_k = Σ G_ki / n`, `C = Σ AᵢᵀEᵢK̂ᵢ`;
+left-multiplied by `G_x⁻¹` it is `AX + XB = C'` with `A = λG_x⁻¹`, `B = Ḡ_k`, `C' = G_x⁻¹C`, `X = Δ`. It is
+exact when every sample has the same key Gram (one image), an approximation otherwise. Both sides are
+symmetric, so Bartels-Stewart's Schur forms are eigendecompositions: with `G_x = UgUᵀ`, `Ḡ_k = VbVᵀ`,
+`Δ = U [(UᵀCV)_ij / (g_i b_j + λ)] Vᵀ` (`solve_separable`), which needs no inverse of `G_x`. λ is
+`damping · mean(diag G_x) · mean(diag Ḡ_k)`, the mean diagonal of the separable Hessian.
 """
 
 from __future__ import annotations
@@ -86,6 +97,46 @@ def score_error_terms(l_fp: Tensor, k_fp: Tensor, l_hat: Tensor, k_hat: Tensor) 
     return max(float(err), 0.0), float((gram(l_fp, l_fp) * gram(k_fp, k_fp)).sum())
 
 
+def separable_terms(a: Tensor, l_fp: Tensor, k_fp: Tensor, l_cur: Tensor, k_hat: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One call's contribution to the separable (Sylvester) system of the queries (module docstring).
+
+    Shapes: `a` the design matrix `(B, Nq, F)`, `l_*` `(B, h, Nq, d)`, `k_*` `(B, h, Nk, d)`. Returns
+    `(G_x, C, ΣG_k, n)`: `G_x = Σ AᵀA` `(F, F)`, `C = Σ Aᵀ E K̂` `(h, F, d)` with `E K̂ = L (KᵀK̂) − L̂₀ (K̂ᵀK̂)`
+    (never an `Nq × Nk` matrix), `ΣG_k = Σ K̂ᵀK̂` `(h, d, d)` over the batch, and `n = B` samples. For the
+    keys call it with the roles swapped (`Sᵀ = K Lᵀ`): `(a_k, k_fp, l_fp, k_cur, l_hat)`.
+    """
+    a, l_fp, k_fp, l_cur, k_hat = (t.to(torch.float64) for t in (a, l_fp, k_fp, l_cur, k_hat))
+    gram_k = k_hat.transpose(-1, -2) @ k_hat  # (B, h, d, d)
+    ek = l_fp @ (k_fp.transpose(-1, -2) @ k_hat) - l_cur @ gram_k  # (B, h, Nq, d)
+    rhs = torch.einsum("bnf,bhnd->hfd", a, ek)
+    return torch.einsum("bnf,bng->fg", a, a), rhs, gram_k.sum(0), a.shape[0]
+
+
+def solve_separable(gram_x: Tensor, rhs: Tensor, gram_k: Tensor, damping: float, where: str
+                    ) -> tuple[Tensor, float]:
+    """`Δ` of `G_x Δ Ḡ_k + λΔ = C` per head, by the symmetric Bartels-Stewart solve (module docstring).
+
+    Shapes: `gram_x` `(F, F)`, `rhs` `(h, F, d)`, `gram_k` `(h, d, d)` (the mean key Gram `Ḡ_k`) ->
+    `(F, h*d)` (heads side by side, the layout of a projection's output) and λ. Raises MacError, naming
+    `where`, without data, or when the system is singular (only possible with `damping == 0`).
+    """
+    gram_x, rhs, gram_k = (t.to(torch.float64) for t in (gram_x, rhs, gram_k))
+    mean_x, mean_k = float(gram_x.diagonal().mean()), float(gram_k.diagonal(dim1=-2, dim2=-1).mean())
+    if not (mean_x > 0.0 and mean_k > 0.0):
+        raise MacError(f"MAC: the Sylvester system of {where} is empty (no calibration data reached it)")
+    lam = damping * mean_x * mean_k
+    g, u = torch.linalg.eigh(gram_x)
+    b, v = torch.linalg.eigh(gram_k)  # (h, d), (h, d, d)
+    denom = g.clamp_min(0.0)[None, :, None] * b.clamp_min(0.0)[:, None, :] + lam  # (h, F, d)
+    if float(denom.min()) <= SINGULAR_RTOL * float(denom.max()):
+        raise MacError(f"MAC: the Sylvester system of {where} is singular (rank-deficient calibration inputs or "
+                       "keys) and mac.damping is too small; set mac.damping > 0 (e.g. 0.01)")
+    y = (u.T @ rhs @ v) / denom
+    delta = u @ y @ v.transpose(-1, -2)  # (h, F, d)
+    return delta.permute(1, 0, 2).reshape(gram_x.shape[0], -1), lam
+
+
 def pv_normal_terms(probs_hat: Tensor, a_v: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
     """Per head `(Σ MᵀM, Σ MᵀR)` with `M = P̂ A_v`: `(h, F, F)` and `(h, F, d)` float64.
 
@@ -124,4 +175,5 @@ def solve_ridge(gram: Tensor, rhs: Tensor, damping: float, where: str) -> tuple[
 
 
 __all__ = ["EPS_REL", "SINGULAR_RTOL", "MacError", "heads_to_rows", "key_residual", "pv_normal_terms",
-           "query_residual", "score_error_terms", "solve_gram_right", "solve_ridge", "with_ones"]
+           "query_residual", "score_error_terms", "separable_terms", "solve_gram_right", "solve_ridge",
+           "solve_separable", "with_ones"]

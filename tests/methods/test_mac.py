@@ -294,3 +294,72 @@ def test_fp_phase_runs_once_per_sample_and_gives_the_same_corrections():
     strip = lambda r: {s: {k: v for k, v in rec.items() if k != "solve_seconds"} for s, rec in r.items()}  # noqa: E731
     assert strip(plain) == strip(memo)
     assert all(torch.equal(plain_state[k], memo_state[k]) for k in plain_state)
+
+
+def test_sylvester_solution_satisfies_the_papers_equation():
+    from carsam.methods.mac_math import solve_separable
+
+    gen = _gen(11)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 30, 4, generator=gen, dtype=torch.float64)  # 2 heads, head dim 4
+    gram_x, gram_k = x.T @ x, k.transpose(-1, -2) @ k / 3
+    rhs = torch.randn(2, 6, 4, generator=gen, dtype=torch.float64)
+    delta, lam = solve_separable(gram_x, rhs, gram_k, damping=0.05, where="t")
+    a = lam * torch.linalg.inv(gram_x)  # the paper's A = λ (XᵀX)⁻¹, B = K̂ᵀK̂, C' = (XᵀX)⁻¹ C
+    for h in range(2):
+        sol = delta[:, 4 * h:4 * (h + 1)]
+        c = torch.linalg.solve(gram_x, rhs[h])
+        residual = a @ sol + sol @ gram_k[h] - c
+        assert float(residual.norm() / c.norm()) < 1e-6
+    assert lam == pytest.approx(0.05 * float(gram_x.diagonal().mean()) * float(gram_k.diagonal(dim1=1, dim2=2).mean()))
+
+
+def _shared_key_samples(twin, n: int) -> list:
+    """`n` samples whose boxes all see the same image (one key Gram): the case the Sylvester form is exact in."""
+    gen = _gen(12)
+    image = torch.randn(1, 20, E, generator=gen, dtype=torch.float64) + torch.randn(E, generator=gen, dtype=torch.float64)
+    return [functools.partial(_run, twin, (torch.randn(2, 12, E, generator=gen, dtype=torch.float64),
+                                            image.expand(2, -1, -1), image.expand(2, -1, -1))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("solver", ["target_queries", "sylvester"])
+def test_both_solvers_recover_a_representable_query_error(solver):
+    mix = HeadMix(_mixing(HEADS, 4, seed=2), transposed=True)  # K̂ = K M: the queries can absorb it exactly
+    twin = _decoder_twin(make_a=lambda p: mix if p == KEY_QUANTIZER else None)
+    samples = _shared_key_samples(twin, n=3)
+    record = correct_attention_(twin, twin, samples, ("q",), 1.0, 0.0, "synthetic", solver=solver)["q"]
+    assert record["score_error_before"] > 0.1 and record["score_error_after"] < 1e-7
+    assert _explicit_score_error(twin, samples) < 1e-8
+
+
+def test_sylvester_strength_zero_changes_nothing():
+    twin = _w4a4_twin()
+    samples = _decoder_samples(twin, n=3, batch=2, nq=7, nk=64, dim=32, dtype=torch.float32)
+    set_quant_mode(twin, QuantMode.CALIBRATE)
+    with torch.no_grad():
+        samples[0]("calibrate")
+    set_quant_mode(twin, QuantMode.QUANTIZED)
+    state = {k: v.clone() for k, v in twin.state_dict().items()}
+    record = correct_attention_(twin, twin, samples, ("q", "k"), 0.0, 0.01, "zero", solver="sylvester")
+    assert all(r["dw_rel"] > 0 for r in record.values())
+    for key, value in twin.state_dict().items():
+        assert torch.equal(_bits(value), _bits(state[key])), key
+
+
+def test_sylvester_reduces_the_w4a4_score_error_on_held_out_data():
+    twin = _w4a4_twin()
+    samples = _decoder_samples(twin, n=16, batch=4, nq=7, nk=64, dim=32, dtype=torch.float32, spread=1.0)
+    fit, held_out = samples[:12], samples[12:]
+    set_quant_mode(twin, QuantMode.CALIBRATE)
+    with torch.no_grad():
+        for sample in fit:
+            sample("calibrate")
+    set_quant_mode(twin, QuantMode.QUANTIZED)
+    before = attention_errors(twin, twin, held_out)
+    correct_attention_(twin, twin, fit, ("q", "k"), 1.0, 0.01, "w4a4", solver="sylvester")
+    assert attention_errors(twin, twin, held_out)["score_error"] < before["score_error"]
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="mac.solver must be one of"):
+        MacConfig(solver="kronecker")
