@@ -7,7 +7,7 @@ encoder quantized):
 - `encoder`: "FP" for the `fp` method, for a W32A32 run and when `quant.quantize_encoder` is false;
   else "quantized".
 - `data_seed`: `config.data.synthetic_seed` (the testbed dataset), next to the run's `seed`.
-- `mac`: "off", or `"<variant>@<strength>"` followed by ` damping=..`, ` targets=..`, ` order=..` for
+- `mac`: "off", or `"<variant>@<strength>"` followed by ` damping=..`, ` targets=..`, ` order=..`, ` solver=..` for
   each field that differs from `MacConfig`'s default (e.g. `qk@1`, `both@0.5 damping=1`).
 - `jcar`: "off", or the grouping followed by ` w=<w_tokens>:<w_image>` when not 1:1 and ` +var` with
   variance weighting (e.g. `pair`, `pair w=10:1`, `pair +var`).
@@ -45,8 +45,9 @@ NONE = "-"  # an empty setting cell (no other difference, a MAC field of a run w
 TIME_METRIC = "time/total_s"
 ID_COLUMNS = ("run_id", "name", "method", "w_bits", "a_bits", "seed", "data_seed", "prompts", "encoder", "mac",
               "jcar", "other", "status")
-READING_COLUMNS = ("mac_variant", "mac_strength", "mac_damping", "mac_targets", "mac_order", "jcar_grouping",
-                   "jcar_weights", "jcar_variance")
+MAC_LABEL_EXTRAS = ("damping", "targets", "order", "solver")  # shown in the `mac` column when not the default
+READING_COLUMNS = ("mac_variant", "mac_strength", "mac_damping", "mac_targets", "mac_order", "mac_solver",
+                   "jcar_grouping", "jcar_weights", "jcar_variance")
 LONG_COLUMNS = (*ID_COLUMNS, *READING_COLUMNS, "metric", "value")
 MAC_DEFAULTS: dict[str, Any] = dataclasses.asdict(MacConfig())  # CAR-SAM's main setting is the defaults
 JCAR_DEFAULTS: dict[str, Any] = dataclasses.asdict(JcarConfig())
@@ -71,7 +72,7 @@ def mac_label(config: Mapping[str, Any]) -> str:
     mac = _section(config, "mac", MAC_DEFAULTS)
     if not mac["enabled"]:
         return "off"
-    extra = [f" {k}={_num(mac[k])}" for k in ("damping", "targets", "order") if mac[k] != MAC_DEFAULTS[k]]
+    extra = [f" {k}={_num(mac[k])}" for k in MAC_LABEL_EXTRAS if mac[k] != MAC_DEFAULTS[k]]
     return f"{mac['variant']}@{_num(mac['strength'])}" + "".join(extra)
 
 
@@ -89,7 +90,7 @@ def readings(config: Mapping[str, Any]) -> dict[str, str]:
     """The `READING_COLUMNS` of a resolved config: MAC's and JCAR's fields, `NONE` when disabled."""
     mac, jcar = _section(config, "mac", MAC_DEFAULTS), _section(config, "jcar", JCAR_DEFAULTS)
     out = {f"mac_{k}": _num(mac[k]) if mac["enabled"] else NONE
-           for k in ("variant", "strength", "damping", "targets", "order")}
+           for k in ("variant", "strength", *MAC_LABEL_EXTRAS)}
     on = jcar["enabled"]
     out.update(mac_variant=mac["variant"] if mac["enabled"] else "off",
                jcar_grouping=jcar["grouping"] if on else "off",

@@ -144,9 +144,9 @@ def mac_jcar_table(long: pd.DataFrame) -> pd.DataFrame:
 def mac_readings_table(long: pd.DataFrame) -> pd.DataFrame:
     """CAR-SAM's MAC readings (and MAC off), with JCAR off or at its default."""
     df = long[(long["method"] == "carsam") & long["jcar"].isin(["off", JCAR_ON])]
-    df = df.rename(columns={f"mac_{k}": k for k in ("variant", "strength", "damping", "targets", "order")})
+    df = df.rename(columns={f"mac_{k}": k for k in ("variant", "strength", "damping", "targets", "order", "solver")})
     return aggregate(df, ["encoder", "prompts", "jcar", "variant", "strength", "damping", "targets", "order",
-                          "other"])
+                          "solver", "other"])
 
 
 def jcar_groupings_table(long: pd.DataFrame) -> pd.DataFrame:

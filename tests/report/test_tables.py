@@ -176,3 +176,14 @@ def test_label_defaults_agree_with_the_config_dataclasses():
 
     assert MAC_DEFAULTS == dataclasses.asdict(MacConfig())
     assert JCAR_DEFAULTS == dataclasses.asdict(JcarConfig())
+
+
+def test_a_non_default_mac_solver_is_its_own_mac_reading(tmp_path):
+    make_run(tmp_path, "r1-default", "carsam", metrics(0.45), mac=MAC_ON, jcar=JCAR_ON)
+    make_run(tmp_path, "r2-sylvester", "carsam", metrics(0.47), mac={"enabled": True, "solver": "sylvester"},
+             jcar=JCAR_ON)
+    long = long_table(tmp_path)
+    labels = dict(zip(long["run_id"], long["mac"]))
+    assert labels == {"r1-default": "qk@1", "r2-sylvester": "qk@1 solver=sylvester"}
+    mac = ablation_tables(long)["mac_readings"][lambda t: t["metric"] == "mAP"]
+    assert {r.solver: r.mean for r in mac.itertuples()} == pytest.approx({"target_queries": 0.45, "sylvester": 0.47})
