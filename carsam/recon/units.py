@@ -15,12 +15,14 @@ of the same subtree. The groupings (the one place that defines them, `GROUPINGS`
   (the keys written by image->token are read by the next token->image), layer i+1's MLP alone, and
   for the last layer a span of its image->token attention with the final attention. With depth L:
   3 single units, then L chain spans and L - 1 MLPs, interleaved;
+- `decoder` (JCAR, the paper's largest granularity): the whole two-way transformer, every step of every
+  layer and the final attention, as one span unit with one loss on both output streams;
 - `encoder_block`: each image-encoder `Block`.
 
 Modules are matched by class (segment_anything's and carsam's quantized twins), never by name; the
 only names used are the two scopes of `carsam.models.quantize`. A unit runs itself on captured inputs
 (`ReconUnit.run`) and returns its output streams as a tuple: a block or span gives (queries, keys).
-Span units (`pair`, `chain`) have `steps`, names of `carsam.recon.spans` steps; their root module is
+Span units (`pair`, `chain`, `decoder`) have `steps`, names of `carsam.recon.spans` steps; their root module is
 the decoder transformer and `ReconUnit.module` returns a `DecoderSpan` holding just those steps'
 modules, so the stage optimises the quantizers of those steps only.
 """
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 
 from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
-from carsam.recon.spans import DecoderSpan, DecoderStep, final_step, layer_steps
+from carsam.recon.spans import DecoderSpan, DecoderStep, decoder_steps, final_step, layer_steps
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class ReconUnit:
 
     name: short label for records (`decoder.layers.0.self_attn`); path: the root module's path in the
     SAM (`mask_decoder.transformer.layers.0.self_attn`); kind: `attention`, `mlp`, `block`, `pair`,
-    `chain` or `encoder_block`; streams: names of the output streams, in the order the module returns
+    `chain`, `decoder` or `encoder_block`; streams: names of the output streams, in the order the module returns
     them; steps: for a span unit, the names of its decoder steps (`carsam.recon.spans`; `path` is then
     the decoder transformer's), empty otherwise.
     """
@@ -173,6 +175,11 @@ def chain_units(sam: nn.Module) -> list[ReconUnit]:
     return units
 
 
+def decoder_units(sam: nn.Module) -> list[ReconUnit]:
+    """One span `decoder.all` over every decoder step (all layers, then the final attention)."""
+    return [_span_unit("all", "decoder", decoder_steps(sam.get_submodule(DECODER_SCOPE)))]
+
+
 def encoder_block_units(sam: nn.Module) -> list[ReconUnit]:
     """Each image-encoder `Block`, in order."""
     scope = sam.get_submodule(ENCODER_SCOPE)
@@ -185,12 +192,13 @@ GROUPINGS: dict[str, Callable[[nn.Module], list[ReconUnit]]] = {
     "block": block_units,
     "pair": pair_units,
     "chain": chain_units,
+    "decoder": decoder_units,
     "encoder_block": encoder_block_units,
 }
 
 
-DECODER_GROUPINGS = ("attention_mlp", "block", "pair", "chain")  # the decoder units a method may choose
-JOINT_GROUPINGS = ("block", "pair", "chain")  # decoder units spanning coupled token and image branches (JCAR)
+DECODER_GROUPINGS = ("attention_mlp", "block", "pair", "chain", "decoder")  # the decoder units a method may choose
+JOINT_GROUPINGS = ("block", "pair", "chain", "decoder")  # units spanning coupled token and image branches (JCAR)
 ENCODER_GROUPINGS = ("encoder_block",)
 
 

@@ -317,7 +317,8 @@ def test_sylvester_solution_satisfies_the_papers_equation():
 def _shared_key_samples(twin, n: int) -> list:
     """`n` samples whose boxes all see the same image (one key Gram): the case the Sylvester form is exact in."""
     gen = _gen(12)
-    image = torch.randn(1, 20, E, generator=gen, dtype=torch.float64) + torch.randn(E, generator=gen, dtype=torch.float64)
+    offset = torch.randn(E, generator=gen, dtype=torch.float64)
+    image = torch.randn(1, 20, E, generator=gen, dtype=torch.float64) + offset
     return [functools.partial(_run, twin, (torch.randn(2, 12, E, generator=gen, dtype=torch.float64),
                                             image.expand(2, -1, -1), image.expand(2, -1, -1))) for _ in range(n)]
 

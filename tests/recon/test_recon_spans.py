@@ -159,7 +159,7 @@ def _decoder_ops(transformer: nn.Module) -> list[nn.Module]:
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
-@pytest.mark.parametrize("grouping", ["pair", "chain", "attention_mlp"])
+@pytest.mark.parametrize("grouping", ["pair", "chain", "attention_mlp", "decoder"])
 def test_groupings_cover_every_decoder_attention_and_mlp_once(grouping, depth):
     sam = nn.Module()
     sam.mask_decoder = nn.Module()
@@ -171,7 +171,7 @@ def test_groupings_cover_every_decoder_attention_and_mlp_once(grouping, depth):
 
 
 def test_groupings_cover_the_quantized_testbed_once(qsam):
-    for grouping in ("pair", "chain"):
+    for grouping in ("pair", "chain", "decoder"):
         ops = _unit_ops(qsam, grouping)
         assert sorted(map(id, ops)) == sorted(map(id, _decoder_ops(qsam.mask_decoder.transformer)))
 
@@ -237,3 +237,18 @@ def test_pair_reconstruction_lowers_the_span_loss_from_rtn(random_testbed_checkp
     assert unit_record["kind"] == "pair" and set(unit_record["last"]) == {"queries", "keys", "round", "total"}
     assert unit_record["stage"]["reduction"] == "mean"
     assert block_io_loss(sam, cache) < rtn
+
+
+def test_decoder_grouping_is_one_unit_whose_target_is_the_fp_transformer_output(qsam, calib2):
+    units = find_units(qsam, "decoder")
+    assert [(u.name, u.kind, u.streams) for u in units] == [("decoder.all", "decoder", ("queries", "keys"))]
+    assert list(units[0].steps) == step_names(qsam.mask_decoder.transformer)
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = qsam.mask_decoder.transformer.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        block_io = capture_block_io(qsam, units[0], calib2)
+    finally:
+        hook.remove()
+    for sample, out, rerun in zip(block_io.samples, outputs[:len(block_io)], rerun_fp(qsam, block_io)):
+        assert all(torch.equal(a, b) for a, b in zip(sample.targets, out))  # the FP transformer's output
+        assert all(torch.equal(a, b) for a, b in zip(rerun, sample.targets))  # the span reproduces it

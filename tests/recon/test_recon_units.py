@@ -49,7 +49,7 @@ def test_unit_module_is_the_model_submodule(qsam):
 def test_unknown_grouping_lists_valid_names(fp_sam):
     with pytest.raises(ValueError, match="attention_mlp"):
         find_units(fp_sam, "pairs")
-    assert set(GROUPINGS) == {"attention_mlp", "block", "pair", "chain", "encoder_block"}
+    assert set(GROUPINGS) == {"attention_mlp", "block", "pair", "chain", "decoder", "encoder_block"}
 
 
 def test_config_choices_are_the_groupings_units_can_build():
