@@ -113,14 +113,14 @@ def test_config_is_frozen():
         RunConfig().seed = 3  # type: ignore[misc]
 
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").rglob("*.yaml"))
 
 
 def test_the_experiments_folder_is_not_empty():
     assert len(EXPERIMENTS) >= 20
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_experiment_resolves_and_round_trips(path, tmp_path):
     config = resolve(path)
     assert config.name == path.stem
@@ -133,3 +133,12 @@ def test_every_shipped_experiment_resolves_and_round_trips(path, tmp_path):
 def test_carsam_experiments_run_mac_and_jcar_at_the_code_defaults(bits):
     config = resolve(Path(__file__).resolve().parents[1] / "experiments" / f"carsam_{bits}.yaml")
     assert config.mac == MacConfig(enabled=True) and config.jcar == JcarConfig(enabled=True)
+
+
+def test_gt_box_experiments_follow_carsams_protocol_and_the_rest_the_detector_protocol():
+    gt = [p for p in EXPERIMENTS if p.parent.name == "gt_boxes"]
+    assert len(gt) >= 7
+    assert {resolve(p).data.prompt_source for p in gt} == {"gt_boxes"}
+    assert all(resolve(p).data.calib_size == 32 for p in gt)
+    others = [p for p in EXPERIMENTS if p.parent.name == "experiments" and p.stem != "box_as_mask"]
+    assert {resolve(p).data.prompt_source for p in others} == {"detector"}
