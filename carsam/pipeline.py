@@ -278,7 +278,8 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     run_dir.mkdir(parents=True, exist_ok=False)
     write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
     record = _new_record(config, method, model, run_id)
-    record.details.update(extra or {}, command=" ".join(sys.argv))
+    # the intra-op thread count changes the last bits of reductions, which a reconstruction can amplify
+    record.details.update(extra or {}, command=" ".join(sys.argv), torch_threads=torch.get_num_threads())
     write_record(run_dir, record)
     tracker = _start_tracking(config, run_id, run_dir)
     context = make_context(config, method, model, progress)

@@ -24,6 +24,18 @@ def test_fp_records_say_32_bits(tmp_path, small_coco, random_testbed_checkpoint)
     assert (record.w_bits, record.a_bits) == (32, 32)
 
 
+def test_records_carry_the_thread_count_that_computed_them(tmp_path, small_coco, random_testbed_checkpoint):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        record = pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, "fp.yaml"))
+    finally:
+        torch.set_num_threads(threads)
+    assert record.details["torch_threads"] == 1
+
+
 def test_rtn_records_carry_the_configured_bits(tmp_path, small_coco, random_testbed_checkpoint):
     record = pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, "rtn_w8a8.yaml",
                                   "quant.a_bits=6", "quant.w_observer=minmax"))
