@@ -158,11 +158,10 @@ def _keep_for_diagnostics(config: RunConfig, sam: torch.nn.Module | None, data: 
     return context.embeddings.keep_quantized(sam, data.val, images)
 
 
-def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunContext
+def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunContext, device: torch.device
              ) -> tuple[torch.nn.Module | None, DataSets, ReconReport | None]:
-    """Build and quantize; fills `record` in place. Returns the quantized model (None for a model-free
-    method), the data, and the method's reconstruction report (None if it reconstructs nothing)."""
-    device = resolve_device(config.device)
+    """Build and quantize on `device`; fills `record` in place. Returns the quantized model (None for a
+    model-free method), the data, and the method's reconstruction report (None if it reconstructs nothing)."""
     seed_everything(config.seed)
     with _timed(record.timings, "build"):
         sam = build_model(config.model.type, config.model.checkpoint or None).to(device) if method.uses_model else None
@@ -286,12 +285,13 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     diagnostics = None
     start = time.perf_counter()
     try:
-        sam, data, recon = _execute(config, method, record, context)
-        images = diagnostic_images(data.val, config.diagnostics.images)
+        device = resolve_device(config.device)
+        sam, data, recon = _execute(config, method, record, context, device)
+        images = diagnostic_images(data.val, config.diagnostics.images) if config.diagnostics.enabled else []
         with _keep_for_diagnostics(config, sam, data, images, context):
             with _timed(record.timings, "evaluate"):
                 result = _evaluate(sam, data, context)
-            _record_evaluation(record, run_dir, result, data, resolve_device(config.device))
+            _record_evaluation(record, run_dir, result, data, device)
             _record_cache(record, context)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
             diagnostics = _diagnose(config, method, record, run_dir, sam, data, images, recon, context)

@@ -49,9 +49,14 @@ def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False,
     return sam
 
 
+def calibration_counts(sam: Sam, calib: CocoBoxPrompts) -> dict[str, Any]:
+    """What a run record keeps of a calibration: the number of quantizers and of calibration images."""
+    return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib)}
+
+
 def quantize_calibrate_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
     """Quantize per `config.quant` and calibrate every range on `calib`: the `rtn` method, and the starting
-    point of the range-search and reconstruction methods. Returns the counts the record keeps."""
+    point of the reconstruction methods. Returns `calibration_counts`."""
     quantize_(sam, config.quant)
-    calibrate_(sam, calib, source=context.embeddings)
-    return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib)}
+    calibrate_(sam, calib, progress=context.progress, source=context.embeddings)
+    return calibration_counts(sam, calib)

@@ -388,9 +388,9 @@ def _solve(capture: StepCapture, damping: float, where: str) -> tuple[Tensor, fl
     if gram is None or rhs is None:
         raise MacError(f"MAC: no calibration call reached {where}")
     assert capture.proj is not None  # `_step` solves only for a capture built with a projection
-    key_gram = capture.system.key_gram
-    if capture.proj.name != "v" and key_gram is not None:  # the Sylvester form
-        return solve_separable(gram, rhs, key_gram / capture.system.samples, damping, where)
+    if capture.proj.name != "v" and capture.solver == "sylvester":
+        assert capture.system.key_gram is not None  # `_finish` accumulates it for the Sylvester form
+        return solve_separable(gram, rhs, capture.system.key_gram / capture.system.samples, damping, where)
     if capture.proj.name != "v":
         return solve_ridge(gram, rhs, damping, where)
     solved = [solve_ridge(gram[h], rhs[h], damping, f"{where} head {h}") for h in range(gram.shape[0])]

@@ -41,13 +41,13 @@ from torch import Tensor, nn
 
 from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
 from carsam.methods.big import BIMODALITY_THRESHOLD, DecoderAttention, bimodality_coefficient, integrate_bimodal_
-from carsam.methods.calibrate import calibrate_
+from carsam.methods.calibrate import calibrate_, calibration_counts
 from carsam.methods.qdrop import qdrop_recipe
 from carsam.methods.registry import Method, register
 from carsam.models.adapters import AttentionTwin, QuantDecoderAttention, QuantEncoderAttention
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE, quantize_
 from carsam.quant.logquant import TAUS, LogQuantizer, pv_error
-from carsam.quant.quantizers import QuantizerBase, QuantMode, iter_quantizers
+from carsam.quant.quantizers import QuantizerBase, QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
 from carsam.recon.driver import reconstruct_model_
 
@@ -194,14 +194,14 @@ def adopt_log_softmax_(sam: nn.Module, calib: CocoBoxPrompts, encoder: bool = Fa
     return adopt_searched_taus_(attentions, searches)
 
 
-def _prepare(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, source: EmbeddingSource | None) -> dict[str, Any]:
+def _prepare(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunContext) -> dict[str, Any]:
     quantize_(sam, config.quant)
     big = token_to_image_attentions(sam) if config.quant.quantize_decoder else {}
     agq = softmax_attentions(sam, encoder=config.recon.agq_encoder and config.quant.quantize_encoder)
-    keys, searches = collect_fp_statistics(sam, calib, big, agq, source)
+    keys, searches = collect_fp_statistics(sam, calib, big, agq, context.embeddings)
     details = {"big": fold_bimodal_keys_(big, keys), "agq": adopt_searched_taus_(agq, searches)}
-    calibrate_(sam, calib, source=source)
-    return {"num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib), **details}
+    calibrate_(sam, calib, progress=context.progress, source=context.embeddings)
+    return {**calibration_counts(sam, calib), **details}
 
 
 def rebuild_prepared_(sam: nn.Module, config: RunConfig, details: dict[str, Any]) -> None:
@@ -222,12 +222,11 @@ def prepare_ptq4sam_(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context
     already done with the same model, `config.quant`, `recon.agq_encoder`, calibration set, code and RNG
     state is restored from disk instead (bit-identical).
     """
-    store = context.prepared
-    if store is None:
-        return _prepare(sam, calib, config, context.embeddings)
+    if context.prepared is None:
+        return _prepare(sam, calib, config, context)
     fields = {"quant": dataclasses.asdict(config.quant), "agq_encoder": config.recon.agq_encoder}
-    details, _ = store.prepare(sam, calib, "ptq4sam", fields, lambda: _prepare(sam, calib, config, context.embeddings),
-                               lambda details: rebuild_prepared_(sam, config, details))
+    details, _ = context.prepared.prepare(sam, calib, "ptq4sam", fields, lambda: _prepare(sam, calib, config, context),
+                                          lambda details: rebuild_prepared_(sam, config, details))
     return details
 
 

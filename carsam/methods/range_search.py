@@ -22,7 +22,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from carsam.methods.calibrate import calibrate_
+from carsam.methods.calibrate import calibrate_, calibration_counts
 from carsam.methods.registry import Method, register
 from carsam.models.quantize import QuantConfig, quantize_
 from carsam.quant.observers import PercentileObserver, build_observer
@@ -109,9 +109,9 @@ def quantize_and_calibrate(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, c
         set_act_percentile_(sam, percentile)
     used = observers_used(sam)  # read before calibration: observers keep their type, only their data resets
     percentiles = act_percentiles(sam)
-    calibrate_(sam, calib, source=context.embeddings)
+    calibrate_(sam, calib, progress=context.progress, source=context.embeddings)
     details: dict[str, Any] = {"w_observer": w_observer, "a_observer": a_observer, "observers_used": used,
-                               "num_quantizers": sum(1 for _ in iter_quantizers(sam)), "calib_images": len(calib)}
+                               **calibration_counts(sam, calib)}
     if percentiles:
         details["act_percentile"] = percentiles[0] if len(percentiles) == 1 else percentiles
     return details

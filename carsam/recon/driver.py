@@ -21,9 +21,9 @@ into evaluation (the PTQ4SAM evaluation bug). The neck convolutions of the encod
 they keep RTN rounding.
 
 Records: the `ReconReport` (`details["recon"]` in the run record) holds the settings, the recipe (what was
-learned, QDrop p), the block-I/O size,
-and per unit its `stage` settings, the first and last loss of each stream (`out`, or `queries`/`keys`,
-plus `round` and `total`) and a curve subsampled to at most `recon.curve_points` points.
+learned, QDrop p), the largest block I/O, and per unit its `stage` settings, the first and last loss of each
+stream (`out`, or `queries`/`keys`, plus `round` and `total`) and a curve subsampled to at most
+`recon.curve_points` points.
 
 Stage cache: the image-encoder units depend on no decoder knob, so with the run's prepared-model store
 (`RunContext.prepared`, `carsam.cache.prepared`) their result (AdaRound alphas, learned steps, records, RNG state after)
