@@ -123,9 +123,9 @@ class ReconConfig:
     `bench/unit_lr_probe.py`). `quant_prob` is QDrop's keep probability during a unit's reconstruction (reset to 1
     everywhere afterwards); `inputs` is where the unit inputs come from (`quantized`: the partly reconstructed
     quantized model, as BRECQ/QDrop do). `agq_encoder`: also give the image-encoder attentions AGQ's log quantizer
-    (ptq4sam; off: the decoder's only). `track_interference`: after each decoder unit, record the quantized model's
-    queries/keys error at every decoder step on `interference_images` calibration images (the oscillation
-    diagnostic).
+    (ptq4sam and carsam; on by default, as PTQ4SAM's code; off: the decoder's only). `track_interference`: after
+    each decoder unit, record the quantized model's queries/keys error at every decoder step on
+    `interference_images` calibration images (the oscillation diagnostic).
     """
 
     grouping: str = "attention_mlp"
@@ -138,7 +138,7 @@ class ReconConfig:
     warmup: float = 0.2
     inputs: str = "quantized"
     seed: int = 0
-    agq_encoder: bool = False
+    agq_encoder: bool = True
     curve_points: int = 50
     track_interference: bool = True
     interference_images: int = 4
@@ -374,6 +374,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
+        message = str(err)
+        if message.split(" ", 1)[0] in names:  # "field must be ...": name it with its section
+            raise ConfigError(f"{prefix}{message}") from err
         raise ConfigError(f"{prefix or 'config'}: {err}") from err
 
 

@@ -178,17 +178,24 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
 
 
 SEGM_RESULTS_FILE = "segm_results.json"
+GT_BOX_SEGM_RESULTS_FILE = "segm_results_gt_boxes.json"
 
 
 def _record_evaluation(record: RunRecord, run_dir: Path, result: EvalResult, data: DataSets,
                        device: torch.device) -> None:
     """The evaluation's metrics and counts into `record`, and its scored masks into `run_dir/segm_results.json`
     (COCO results format: re-scored by pycocotools alone against the annotations file on the evaluated image
-    ids, which `details.segm_results` names, it gives the record's mAP)."""
+    ids, which `details.segm_results` names, it gives the record's mAP). The GT-box decodes go to
+    `segm_results_gt_boxes.json` (gives `eval/gt_box_mAP`), the same file when the prompts are the GT boxes."""
     write_text_atomic(run_dir / SEGM_RESULTS_FILE, json.dumps(result.results))
+    gt_box_file = SEGM_RESULTS_FILE
+    if data.val.prompt_source != "gt_boxes":
+        gt_box_file = GT_BOX_SEGM_RESULTS_FILE
+        write_text_atomic(run_dir / gt_box_file, json.dumps(result.gt_box_results))
     record.metrics.update(result.metrics)
     record.details.update(eval_images=result.num_images, eval_prompts=result.num_prompts, eval_gt=result.num_gt,
-                          segm_results={"file": SEGM_RESULTS_FILE, "annotations": str(data.val.annotations_file),
+                          segm_results={"file": SEGM_RESULTS_FILE, "gt_box_file": gt_box_file,
+                                        "annotations": str(data.val.annotations_file),
                                         "image_ids": result.image_ids},
                           **peak_memory_mb(device))
 

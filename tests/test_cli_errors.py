@@ -29,7 +29,7 @@ def test_valid_run_succeeds_and_writes_record(capsys, tmp_path, base_args):
     code, _ = _run(capsys, *base_args)
     records = list_records(tmp_path / "runs")
     assert code == 0 and [r["status"] for r in records] == ["completed"]
-    assert set(records[0]["metrics"]) == {"eval/mAP", "eval/mAP50", "eval/mIoU"}
+    assert set(records[0]["metrics"]) == {"eval/mAP", "eval/mAP50", "eval/mIoU", "eval/gt_box_mAP", "eval/gt_box_mAP50"}
 
 
 def test_missing_checkpoint(capsys, base_args):

@@ -47,6 +47,8 @@ def test_unknown_key_raises_and_names_it(tmp_path):
         resolve(None, ["mac.strength=1.5"])
     with pytest.raises(ConfigError, match="jcar.grouping"):
         resolve(None, ["jcar.grouping=attention_mlp"])
+    with pytest.raises(ConfigError, match=r"^quant\.rel_pos_query must be one of"):  # the section named once
+        resolve(None, ["quant.rel_pos_query=bogus"])
 
 
 @pytest.mark.parametrize("override", ["quant.w_bits=four", "quant.w_bits=4.5", "seed=true", "method=3"])

@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--runs", required=True, help="a fresh folder for the runs and their stage cache")
     parser.add_argument("--data", default="data", help="the synthetic dataset's root (shared by both sides)")
     parser.add_argument("--only", nargs="*", default=None, help="names of RUNS to do (default: all)")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run (e.g. an older default, to check that only it moved)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out: dict[str, dict[str, float]] = {}
@@ -48,7 +50,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         where = [f"runs_dir={args.runs}", f"data.synthetic_root={args.data}", f"name=ident_{name}"]
-        config = resolve(experiment, [*TINY, *extra, *where])
+        config = resolve(experiment, [*TINY, *extra, *args.override, *where])
         record = pipeline.run(config)
         out[name] = {key: repr(value) for key, value in sorted(record.metrics.items())}
     print(json.dumps(out, indent=1, sort_keys=True))

@@ -4,6 +4,9 @@
   prompt score x SAM's predicted IoU, with the prompt's category; COCOeval over the evaluated images.
 - mIoU: each non-crowd GT instance is decoded from its own GT box; the mean over all GT instances of
   IoU(predicted mask, GT mask). It isolates mask quality from the detector.
+- gt_box_mAP / gt_box_mAP50: the same GT-box decodes scored as COCO results (score = SAM's predicted IoU,
+  category = the GT's): CAR-SAM's protocol, measured in every run at no extra decoder cost, so one quantized
+  model is scored under both protocols. With `prompt_source="gt_boxes"` it equals mAP exactly.
 All values are fractions in [0, 1].
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 from segment_anything.modeling import Sam
@@ -27,10 +31,12 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EvalResult:
-    """Metrics (`eval/mAP`, `eval/mAP50`, `eval/mIoU`, fractions in [0, 1]) and what they cover.
+    """Metrics (`eval/mAP`, `eval/mAP50`, `eval/mIoU`, `eval/gt_box_mAP`, `eval/gt_box_mAP50`, fractions in
+    [0, 1]) and what they cover.
 
-    `results`: the scored masks in COCO results format (image_id, category_id, RLE segmentation with str
-    counts, score), and `image_ids` the evaluated images: `segm_map(coco, results, image_ids)` gives mAP.
+    `results`: the scored masks of the set's prompts in COCO results format (image_id, category_id, RLE
+    segmentation with str counts, score), and `image_ids` the evaluated images: `segm_map(coco, results,
+    image_ids)` gives mAP; `gt_box_results` the same for the GT-box decodes (gives gt_box_mAP).
     """
 
     metrics: dict[str, float]
@@ -39,6 +45,15 @@ class EvalResult:
     num_gt: int
     results: list[dict] = dataclasses.field(default_factory=list)
     image_ids: list[int] = dataclasses.field(default_factory=list)
+    gt_box_results: list[dict] = dataclasses.field(default_factory=list)
+
+
+class ScoredMasks(NamedTuple):
+    """One image's decoded masks (N, H, W) bool with their COCO scores (N,) and category ids (N,)."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    category_ids: np.ndarray
 
 
 @dataclasses.dataclass
@@ -46,26 +61,31 @@ class _Tally:
     """Accumulates COCO results and per-GT IoUs over images."""
 
     results: list[dict] = dataclasses.field(default_factory=list)
+    gt_box_results: list[dict] = dataclasses.field(default_factory=list)
     ious: list[float] = dataclasses.field(default_factory=list)
     image_ids: list[int] = dataclasses.field(default_factory=list)
     num_prompts: int = 0
 
-    def add(self, image_id: int, masks: np.ndarray, scores: np.ndarray, category_ids: np.ndarray,
-            gt_preds: np.ndarray, gt_masks: np.ndarray) -> None:
-        """Record one image: prompt masks (N, H, W) with scores/categories (N,), GT-box masks (M, H, W)."""
+    def add(self, image_id: int, prompted: ScoredMasks, gt_prompted: ScoredMasks, gt_masks: np.ndarray) -> None:
+        """Record one image: the masks of its prompts (N, H, W) and of its GT boxes (M, H, W), with scores and
+        categories, and the GT masks (M, H, W) they are compared with."""
         self.image_ids.append(image_id)
-        self.num_prompts += len(masks)
-        self.results.extend(masks_to_results(image_id, masks, scores, category_ids))
-        self.ious.extend(mask_iou(p, g) for p, g in zip(gt_preds, gt_masks))
+        self.num_prompts += len(prompted.masks)
+        results = masks_to_results(image_id, *prompted)
+        self.results.extend(results)
+        self.gt_box_results.extend(results if gt_prompted is prompted else masks_to_results(image_id, *gt_prompted))
+        self.ious.extend(mask_iou(p, g) for p, g in zip(gt_prompted.masks, gt_masks))
 
     def finish(self, dataset: CocoBoxPrompts) -> EvalResult:
         segm = segm_map(dataset.coco, self.results, self.image_ids)
+        gt_segm = segm_map(dataset.coco, self.gt_box_results, self.image_ids)
         miou = float(np.mean(self.ious)) if self.ious else 0.0
-        metrics = {"eval/mAP": segm["mAP"], "eval/mAP50": segm["mAP50"], "eval/mIoU": miou}
+        metrics = {"eval/mAP": segm["mAP"], "eval/mAP50": segm["mAP50"], "eval/mIoU": miou,
+                   "eval/gt_box_mAP": gt_segm["mAP"], "eval/gt_box_mAP50": gt_segm["mAP50"]}
         logger.info("evaluated %d images, %d prompts, %d GT: %s", len(self.image_ids), self.num_prompts,
                     len(self.ious), {k: round(v, 4) for k, v in metrics.items()})
         return EvalResult(metrics, len(self.image_ids), self.num_prompts, len(self.ious), self.results,
-                          list(self.image_ids))
+                          list(self.image_ids), self.gt_box_results)
 
 
 def _chosen_ids(dataset: CocoBoxPrompts, max_images: int | None, progress: bool, desc: str) -> Iterable[int]:
@@ -89,13 +109,15 @@ def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None
     for image_id in _chosen_ids(dataset, max_images, progress, "eval"):
         embedding = predictor.embed_image(dataset, image_id)
         boxes, scores, category_ids = dataset.prompts(image_id)
-        gt_boxes, gt_masks, _ = dataset.ground_truth(image_id)
+        gt_boxes, gt_masks, gt_category_ids = dataset.ground_truth(image_id)
         masks, pred_iou = predictor.predict(embedding, boxes)
-        if np.array_equal(boxes, gt_boxes):  # GT-box prompts: decode once
-            gt_preds = masks
+        prompted = ScoredMasks(masks, scores * pred_iou, category_ids)
+        if np.array_equal(boxes, gt_boxes):  # GT-box prompts: decode and score once
+            gt_prompted = prompted
         else:
-            gt_preds, _ = predictor.predict(embedding, gt_boxes)
-        tally.add(image_id, masks, scores * pred_iou, category_ids, gt_preds, gt_masks)
+            gt_preds, gt_iou = predictor.predict(embedding, gt_boxes)
+            gt_prompted = ScoredMasks(gt_preds, gt_iou, gt_category_ids)
+        tally.add(image_id, prompted, gt_prompted, gt_masks)
     return tally.finish(dataset)
 
 
@@ -124,7 +146,8 @@ def box_as_mask_floor(dataset: CocoBoxPrompts, *, max_images: int | None = None,
     for image_id in _chosen_ids(dataset, max_images, progress, "box floor"):
         height, width = dataset.image_size(image_id)
         boxes, scores, category_ids = dataset.prompts(image_id)
-        gt_boxes, gt_masks, _ = dataset.ground_truth(image_id)
-        tally.add(image_id, boxes_to_masks(boxes, height, width), scores, category_ids,
-                  boxes_to_masks(gt_boxes, height, width), gt_masks)
+        gt_boxes, gt_masks, gt_category_ids = dataset.ground_truth(image_id)
+        tally.add(image_id, ScoredMasks(boxes_to_masks(boxes, height, width), scores, category_ids),
+                  ScoredMasks(boxes_to_masks(gt_boxes, height, width), np.ones(len(gt_boxes)), gt_category_ids),
+                  gt_masks)
     return tally.finish(dataset)

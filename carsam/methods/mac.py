@@ -22,11 +22,11 @@ Apply: `W ← W + strength·ΔW`, `b ← b + strength·Δb` (float weights); eac
 quantizer is re-calibrated from the new weight (`calibrate_weight` + `finalize_calibration`). Activation
 ranges stay as calibrated: the corrections were solved against them. `strength == 0` changes nothing.
 
-Encoder (`targets: all`): the relative-position term is added after `qk_matmul` and is computed from
-the *unquantized* queries, so a query correction would move it in a way the target-query fit does not
-model. MAC therefore corrects only `k` and `v` of the encoder attentions (each exact for what it
-affects: the content scores `scale · Q Kᵀ` and `P̂ V`); the encoder's score error is that of the content
-term, and its `q` step is recorded as skipped.
+Encoder (`targets: all`): the scores add a relative-position term computed from the queries (the
+quantized ones by default, `quant.rel_pos_query`; the unquantized ones with `fp`), so a query correction
+would move it in a way the target-query fit does not model. MAC therefore corrects only `k` and `v` of
+the encoder attentions (each exact for what it affects: the content scores `scale · Q Kᵀ` and `P̂ V`);
+the encoder's score error is that of the content term, and its `q` step is recorded as skipped.
 
 FP reference: MAC changes float weights, so each changed Parameter first keeps its original value
 (`carsam.quant.fp_reference.remember_fp_`); every FP-mode pass (`quant_modes_set(model, QuantMode.FP)`:
@@ -80,7 +80,7 @@ STEPS = {"qk": ("q", "k"), "pv": ("v",), "both": ("q", "k", "v")}  # per variant
 TARGETS = ("token_to_image", "decoder", "all")  # t2i attentions only / every decoder attention / + encoder
 ORDERS = ("before", "after")  # relative to reconstruction
 SOLVERS = ("target_queries", "sylvester")  # q/k steps: per-sample target operands + ridge, or the paper's form
-ENCODER_Q_SKIPPED = "encoder: the relative-position term depends on the unquantized queries (see mac.py)"
+ENCODER_Q_SKIPPED = "encoder: the relative-position term also reads the queries (see mac.py)"
 Attention = QuantDecoderAttention | QuantEncoderAttention
 Sample = Callable[[str], None]  # runs one calibration sample through the model in phase "fp" | "quantized"
 FP_MEMO_BYTES = 2 << 30  # FP calls of one attention kept across its steps (real SAM: ~20 MiB per image)
@@ -157,7 +157,8 @@ def _input_hook(linear: nn.Module, store: Callable[[Tensor], None]) -> Any:
 
 @dataclasses.dataclass
 class ErrorMeter:
-    """Running relative errors of the scores (`qk_matmul` output) and of `pv_matmul`'s output."""
+    """Running relative errors of the content scores (`qk_matmul`'s product of its quantized operands, without
+    the encoder's relative-position term) and of `pv_matmul`'s output."""
 
     score_err: float = 0.0
     score_ref: float = 0.0

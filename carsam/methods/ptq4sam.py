@@ -17,9 +17,9 @@ see the FP model):
    `qk_matmul` operands are calibrated on the folded model; nothing else sees different data).
    AGQ (`adopt_searched_taus_`): each such softmax-probability quantizer (`pv_matmul.lhs_quantizer`)
    becomes a `LogQuantizer` with the same bit width, scale 1 (the bound of a softmax) and the tau of
-   least error. The image-encoder attentions get it too only with `recon.agq_encoder` (off by
-   default: PTQ4SAM's technique is about the decoder's token->image maps, and a global encoder map of
-   real SAM is 4096x4096 per head, costly to search);
+   least error. The image-encoder attentions get it too when the encoder is quantized and
+   `recon.agq_encoder` is on (the default, as PTQ4SAM's code does; a global encoder map of real SAM is
+   4096x4096 per head, which makes the search costlier);
 4. `calibrate_` (all ranges; the log quantizers have a fixed scale and need none);
 5. QDrop reconstruction (`carsam.recon.driver`), which also resets QDrop everywhere.
 

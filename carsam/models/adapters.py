@@ -23,7 +23,7 @@ import torch
 from segment_anything.modeling import image_encoder, transformer
 from torch import Tensor, nn
 
-from carsam.quant.modules import QuantLinear, QuantMatMul
+from carsam.quant.modules import MatMulEpilogue, QuantLinear, QuantMatMul
 from carsam.quant.quantizers import UniformQuantizer
 
 QuantizerFactory = Callable[[str], UniformQuantizer | None]
@@ -102,17 +102,28 @@ class QuantDecoderAttention(nn.Module):
         return f"embedding_dim={self.embedding_dim}, internal_dim={self.internal_dim}, num_heads={self.num_heads}"
 
 
+REL_POS_QUERIES = ("quantized", "fp")  # which Q the encoder's relative-position term reads
+
+
 class QuantEncoderAttention(nn.Module):
     """Twin of the image encoder's `Attention` (fused qkv, decomposed relative positions kept in FP).
 
     Forward: x `(B, H, W, C)` -> `(B, H, W, C)`, via `qk_matmul(Q * d^-0.5, Kᵀ)` `(B*h, HW, HW)`, plus
-    the relative-position term (computed from the full-precision Q), softmax, `pv_matmul(P, V)`.
+    the relative-position term, softmax, `pv_matmul(P, V)`.
+
+    `rel_pos_query` says which queries the relative-position term reads: `quantized` (PTQ4SAM's code: the
+    quantized query, here `Q + (Q̂s - Qs) / s` with `s = d^-0.5` and `Q̂s` the `qk_matmul` lhs quantizer's
+    output, computed inside `qk_matmul` as its epilogue; exactly `Q` when that quantizer is in FP mode) or `fp`
+    (the unquantized `Q`, added after `qk_matmul`). The rel-pos tables themselves stay FP either way.
     """
 
     def __init__(self, num_heads: int, scale: float, qkv: LinearLayer, proj: LinearLayer, qk_matmul: QuantMatMul,
-                 pv_matmul: QuantMatMul, rel_pos_h: nn.Parameter | None, rel_pos_w: nn.Parameter | None) -> None:
+                 pv_matmul: QuantMatMul, rel_pos_h: nn.Parameter | None, rel_pos_w: nn.Parameter | None,
+                 rel_pos_query: str = "quantized") -> None:
         super().__init__()
-        self.num_heads, self.scale = num_heads, scale
+        if rel_pos_query not in REL_POS_QUERIES:
+            raise ValueError(f"rel_pos_query must be one of {REL_POS_QUERIES}, got '{rel_pos_query}'")
+        self.num_heads, self.scale, self.rel_pos_query = num_heads, scale, rel_pos_query
         self.qkv, self.proj = qkv, proj
         self.qk_matmul, self.pv_matmul = qk_matmul, pv_matmul
         self.use_rel_pos = rel_pos_h is not None
@@ -121,28 +132,41 @@ class QuantEncoderAttention(nn.Module):
 
     @classmethod
     def from_attention(cls, attn: image_encoder.Attention, make_weight_q: QuantizerFactory,
-                       make_act_q: QuantizerFactory) -> QuantEncoderAttention:
+                       make_act_q: QuantizerFactory, rel_pos_query: str = "quantized") -> QuantEncoderAttention:
         """Build the twin of `attn`, sharing its Parameters (relative positions stay FP)."""
         rel_h = attn.rel_pos_h if attn.use_rel_pos else None
         rel_w = attn.rel_pos_w if attn.use_rel_pos else None
         return cls(attn.num_heads, attn.scale,
                    quantize_linear(attn.qkv, "qkv", make_weight_q, make_act_q),
                    quantize_linear(attn.proj, "proj", make_weight_q, make_act_q),
-                   quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q), rel_h, rel_w)
+                   quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q), rel_h, rel_w,
+                   rel_pos_query)
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # each (B*heads, HW, d)
-        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1))
-        if self.use_rel_pos:
-            attn = image_encoder.add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        scaled_q, keys_t = q * self.scale, k.transpose(-2, -1)
+        if self.use_rel_pos and self.rel_pos_query == "quantized":
+            attn = self.qk_matmul(scaled_q, keys_t, epilogue=self._rel_pos_epilogue(q, h, w))
+        else:
+            attn = self.qk_matmul(scaled_q, keys_t)
+            if self.use_rel_pos:
+                attn = image_encoder.add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
         attn = attn.softmax(dim=-1)
         out = self.pv_matmul(attn, v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
+    def _rel_pos_epilogue(self, q: Tensor, h: int, w: int) -> MatMulEpilogue:
+        """The relative-position term read from the quantized query: `q` `(B*heads, HW, d)` plus the lhs
+        quantizer's error rescaled by `1 / scale` (zero, so `q` bit for bit, when that quantizer is FP)."""
+        def add_rel_pos(scores: Tensor, scaled_q: Tensor, scaled_q_hat: Tensor) -> Tensor:
+            q_hat = q + (scaled_q_hat - scaled_q) / self.scale
+            return image_encoder.add_decomposed_rel_pos(scores, q_hat, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        return add_rel_pos
+
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, use_rel_pos={self.use_rel_pos}"
+        return f"num_heads={self.num_heads}, use_rel_pos={self.use_rel_pos}, rel_pos_query={self.rel_pos_query}"
 
 
 AttentionTwin = QuantDecoderAttention | QuantEncoderAttention

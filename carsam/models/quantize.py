@@ -12,7 +12,8 @@ are never swapped): patch embedding, positional embeddings, the prompt encoder, 
 Modules are found by type (`segment_anything` Attention classes, `nn.Linear`, `nn.Conv2d`) inside the
 two scopes; the only paths named are the scopes and the documented FP list. Weights: per output
 channel; activations and MatMul operands: per tensor; the softmax probabilities always use an unsigned
-(asymmetric, zero point 0) grid. New quantizers start in FP mode.
+(asymmetric, zero point 0) grid. New quantizers start in FP mode. The encoder's relative-position term
+reads the quantized query by default (`rel_pos_query`, as PTQ4SAM's code; `fp`: the unquantized one).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ import torch
 from segment_anything.modeling import image_encoder, transformer
 from torch import nn
 
-from carsam.models.adapters import PROBS_QUANTIZER, QuantDecoderAttention, QuantEncoderAttention, quantize_linear
+from carsam.models.adapters import (
+    PROBS_QUANTIZER,
+    REL_POS_QUERIES,
+    QuantDecoderAttention,
+    QuantEncoderAttention,
+    quantize_linear,
+)
 from carsam.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantized_weight_modules
 from carsam.quant.observers import OBSERVERS
 from carsam.quant.primitives import SYMMETRIC_SCALES, validate_bits
@@ -93,9 +100,12 @@ class QuantConfig:
     symmetric_scale: str = "qmax"  # `half_range`: torch's / QDrop's absmax / (2^(b-1) - 0.5)
     quantize_encoder: bool = True
     quantize_decoder: bool = True
+    rel_pos_query: str = "quantized"  # encoder rel-pos term from the quantized Q (PTQ4SAM's code) or `fp`
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.rel_pos_query not in REL_POS_QUERIES:
+            raise ValueError(f"rel_pos_query must be one of {REL_POS_QUERIES}, got '{self.rel_pos_query}'")
         overrides = tuple((str(glob), dict(values)) for glob, values in self.overrides)
         object.__setattr__(self, "overrides", overrides)  # lists (from YAML) become tuples
         base = self.base_settings()
@@ -167,8 +177,9 @@ def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig)
     """The quantized replacement of `child` (at `path`, named `name` in its parent), or None to recurse."""
     if isinstance(child, (transformer.Attention, image_encoder.Attention)):
         maker = QuantizerMaker(config, path, _device(child))
-        twin_cls = QuantDecoderAttention if isinstance(child, transformer.Attention) else QuantEncoderAttention
-        return twin_cls.from_attention(child, maker.weight, maker.act)
+        if isinstance(child, transformer.Attention):
+            return QuantDecoderAttention.from_attention(child, maker.weight, maker.act)
+        return QuantEncoderAttention.from_attention(child, maker.weight, maker.act, config.rel_pos_query)
     maker = QuantizerMaker(config, path.rsplit(".", 1)[0], _device(child))
     if isinstance(child, nn.Linear):
         return quantize_linear(child, name, maker.weight, maker.act)

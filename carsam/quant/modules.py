@@ -13,6 +13,7 @@ probability quantizer for AGQ's `LogQuantizer`; `nn.Identity` leaves that operan
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import torch.nn.functional as F
@@ -117,6 +118,9 @@ class QuantConv2d(_WeightQuantMixin, nn.Module):
         return f"{c_in * self.groups}, {c_out}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}"
 
 
+MatMulEpilogue = Callable[[Tensor, Tensor, Tensor], Tensor]  # (product, lhs, quantized lhs) -> output
+
+
 class QuantMatMul(nn.Module):
     """`lhs_quantizer(lhs) @ rhs_quantizer(rhs)`: a named MatMul whose inputs can be calibrated and hooked.
 
@@ -130,8 +134,12 @@ class QuantMatMul(nn.Module):
         self.lhs_quantizer = lhs_quantizer
         self.rhs_quantizer = rhs_quantizer
 
-    def forward(self, lhs: Tensor, rhs: Tensor) -> Tensor:
+    def forward(self, lhs: Tensor, rhs: Tensor, epilogue: MatMulEpilogue | None = None) -> Tensor:
         """lhs `(..., M, K)`, rhs `(..., K, N)` -> `(..., M, N)`; each operand quantized per tensor (`()` qparams).
+
+        `epilogue(product, lhs, lhs_q)`, if given, maps the product to the output, seeing the lhs operand before
+        and after its quantizer (the encoder attention adds its relative-position term from the quantized query
+        this way, as PTQ4SAM's code does, without calling the quantizer twice; forward hooks then see the result).
 
         In the attention twins (`carsam.models.adapters`): `qk_matmul`'s `lhs_quantizer` sees Q `(B, h, Nq, d)`
         (encoder: `Q * d^-0.5`, `(B*h, HW, d)`) and its `rhs_quantizer` Kᵀ `(B, h, d, Nk)` (encoder:
@@ -139,7 +147,9 @@ class QuantMatMul(nn.Module):
         (unsigned grid, or AGQ's `LogQuantizer`) and its `rhs_quantizer` V `(B, h, Nk, d)` (encoder:
         `(B*h, HW, HW)` and `(B*h, HW, d)`).
         """
-        return self.lhs_quantizer(lhs) @ self.rhs_quantizer(rhs)
+        lhs_q = self.lhs_quantizer(lhs)
+        product = lhs_q @ self.rhs_quantizer(rhs)
+        return product if epilogue is None else epilogue(product, lhs, lhs_q)
 
 
 def quantized_weight_modules(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:

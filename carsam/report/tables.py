@@ -46,7 +46,7 @@ from carsam.report.records import (
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("run_id", "name", "method", "w_bits", "a_bits", "prompts", "seed", "status")
-TABLE_METRICS = {"eval/mAP": "mAP", "eval/mAP50": "mAP50", "eval/mIoU": "mIoU"}
+TABLE_METRICS = {"eval/mAP": "mAP", "eval/mAP50": "mAP50", "eval/mIoU": "mIoU", "eval/gt_box_mAP": "mAP (GT boxes)"}
 IDENTITY = ("method", "w_bits", "a_bits", "prompts", "encoder", "mac", "jcar", "other", "seed", "data_seed")
 METHOD_ORDER = ("fp", "box_as_mask", "rtn", "percentile", "omse", "brecq", "qdrop", "ptq4sam", "carsam")
 ENCODER_ORDER = ("quantized", "FP")

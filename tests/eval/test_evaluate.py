@@ -14,7 +14,7 @@ from carsam.data.synthetic import SyntheticSpec, generate_split
 from carsam.eval.evaluate import EvalResult, box_as_mask_floor, boxes_to_masks, evaluate
 from carsam.testbed.spec import build_testbed_sam
 
-METRIC_KEYS = {"eval/mAP", "eval/mAP50", "eval/mIoU"}
+METRIC_KEYS = {"eval/mAP", "eval/mAP50", "eval/mIoU", "eval/gt_box_mAP", "eval/gt_box_mAP50"}
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,21 @@ def test_evaluate_miou_is_the_same_for_detector_and_gt_box_prompts(sam, detector
     detector = evaluate(sam, detector_set, max_images=1)
     gt_boxes = evaluate(sam, gt_box_set, max_images=1)
     assert detector.metrics["eval/mIoU"] == pytest.approx(gt_boxes.metrics["eval/mIoU"])
+
+
+def test_gt_box_map_of_a_detector_run_is_the_gt_box_protocols_map(sam, detector_set, gt_box_set):
+    """One detector-prompted evaluation also scores CAR-SAM's protocol: its GT-box mAP equals the mAP of the
+    GT-box-prompted evaluation (which equals its own GT-box mAP), and differs from the detector mAP."""
+    detector, gt_boxes = evaluate(sam, detector_set), evaluate(sam, gt_box_set)
+    assert gt_boxes.metrics["eval/gt_box_mAP"] == gt_boxes.metrics["eval/mAP"]
+    assert gt_boxes.metrics["eval/gt_box_mAP50"] == gt_boxes.metrics["eval/mAP50"]
+    assert detector.metrics["eval/gt_box_mAP"] == pytest.approx(gt_boxes.metrics["eval/mAP"], abs=1e-12)
+    assert detector.metrics["eval/gt_box_mAP50"] == pytest.approx(gt_boxes.metrics["eval/mAP50"], abs=1e-12)
+    assert len(detector.gt_box_results) == detector.num_gt and detector.gt_box_results != detector.results
+
+
+def test_box_floor_scores_gt_boxes_by_their_filled_boxes(gt_box_set, detector_set):
+    floor_detector, floor_gt = box_as_mask_floor(detector_set), box_as_mask_floor(gt_box_set)
+    assert floor_detector.metrics["eval/gt_box_mAP"] == pytest.approx(floor_gt.metrics["eval/mAP"], abs=1e-12)
+    assert floor_gt.metrics["eval/mAP"] > 0  # a filled tight GT box overlaps its mask: a non-trivial answer
+    assert floor_detector.metrics["eval/mAP"] != floor_detector.metrics["eval/gt_box_mAP"]

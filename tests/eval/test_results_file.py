@@ -16,11 +16,11 @@ from carsam.config import resolve
 from tests.helpers import experiment, real_data_overrides
 
 
-def _rescore(run_dir: Path, segm: dict) -> tuple[float, float]:
-    """COCO segm mAP and mAP50 of the run's results file, by pycocotools only."""
+def _rescore(run_dir: Path, segm: dict, file_key: str = "file") -> tuple[float, float]:
+    """COCO segm mAP and mAP50 of the run's results file (`segm[file_key]`), by pycocotools only."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(segm["annotations"])
-        evaluator = COCOeval(gt, gt.loadRes(json.loads((run_dir / segm["file"]).read_text())), "segm")
+        evaluator = COCOeval(gt, gt.loadRes(json.loads((run_dir / segm[file_key]).read_text())), "segm")
         evaluator.params.imgIds = sorted(segm["image_ids"])
         evaluator.evaluate()
         evaluator.accumulate()
@@ -36,4 +36,8 @@ def test_results_file_rescores_to_the_records_map_exactly(tmp_path, small_coco, 
     segm = record.details["segm_results"]
     assert len(segm["image_ids"]) == record.details["eval_images"] == 4
     assert record.metrics["eval/mAP"] > 0.05  # a real score, not an empty evaluation
-    assert _rescore(tmp_path / record.run_id, segm) == (record.metrics["eval/mAP"], record.metrics["eval/mAP50"])
+    run_dir = tmp_path / record.run_id
+    assert _rescore(run_dir, segm) == (record.metrics["eval/mAP"], record.metrics["eval/mAP50"])
+    assert segm["gt_box_file"] != segm["file"]  # detector prompts: the GT-box decodes have their own file
+    assert _rescore(run_dir, segm, "gt_box_file") == (record.metrics["eval/gt_box_mAP"],
+                                                     record.metrics["eval/gt_box_mAP50"])

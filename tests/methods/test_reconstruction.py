@@ -102,10 +102,21 @@ def test_agq_puts_log_quantizers_on_every_decoder_softmax(applied):
     for _, attn in decoder:
         quantizer = attn.pv_matmul.lhs_quantizer
         assert isinstance(quantizer, LogQuantizer) and quantizer.tau in TAUS and quantizer.mode is QuantMode.QUANTIZED
-    assert {r["tau"] for r in details["agq"].values()} <= set(TAUS) and len(details["agq"]) == 7
     encoder_probs = [m.pv_matmul.lhs_quantizer for m in sam.image_encoder.modules() if hasattr(m, "pv_matmul")]
-    assert encoder_probs and not any(isinstance(q, LogQuantizer) for q in encoder_probs)  # agq_encoder off
+    assert encoder_probs and all(isinstance(q, LogQuantizer) for q in encoder_probs)  # agq_encoder on (default)
+    assert {r["tau"] for r in details["agq"].values()} <= set(TAUS)
+    assert len(details["agq"]) == 7 + len(encoder_probs)
     assert len(details["big"]) == 3
+
+
+def test_agq_encoder_off_keeps_the_encoder_probabilities_uniform(random_testbed_checkpoint, calib2):
+    torch.manual_seed(0)
+    sam = build_testbed_from_checkpoint(random_testbed_checkpoint)
+    config = RunConfig(method="ptq4sam", recon=ReconConfig(iters=1, agq_encoder=False, track_interference=False))
+    details = get_method("ptq4sam").apply(sam, calib2, config, RunContext())
+    encoder_probs = [m.pv_matmul.lhs_quantizer for m in sam.image_encoder.modules() if hasattr(m, "pv_matmul")]
+    assert encoder_probs and not any(isinstance(q, LogQuantizer) for q in encoder_probs)
+    assert len(details["agq"]) == 7 and all(p.startswith("mask_decoder.") for p in details["agq"])
 
 
 def _scores(sam: Sam, calib) -> list[torch.Tensor]:

@@ -191,3 +191,10 @@ def test_symmetric_scale_reaches_every_quantizer_and_its_observer(fp_testbed):
     mse = [q.observer for q in quantizers if isinstance(q.observer, MSEObserver)]
     assert mse and {o.symmetric_scale for o in mse} == {"half_range"}
     assert "sym(half_range)" in repr(sam.mask_decoder.transformer.layers[0].mlp.lin1.weight_quantizer)
+
+
+@pytest.mark.parametrize("rel_pos_query", ["quantized", "fp"])
+def test_rel_pos_query_reaches_every_encoder_attention(fp_testbed, rel_pos_query):
+    sam = quantize_(copy.deepcopy(fp_testbed), QuantConfig(rel_pos_query=rel_pos_query))
+    encoder = [m for m in sam.image_encoder.modules() if isinstance(m, QuantEncoderAttention)]
+    assert encoder and {m.rel_pos_query for m in encoder} == {rel_pos_query}
