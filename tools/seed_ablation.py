@@ -53,9 +53,9 @@ def _worker(bits: str, args: argparse.Namespace, done: set[str], failures: list[
             name = run_name(bits, row, seed)
             if name in done:
                 continue
-            command = [CARSAM, "run", f"experiments/carsam_{bits}.yaml", "--no-progress",
+            command = [CARSAM, "run", f"experiments/carsam_{bits}.yaml",
                        f"runs_dir={args.runs}", f"data.synthetic_root={args.data}", "tracking.mode=disabled",
-                       f"seed={seed}", f"name={name}", *overrides]
+                       f"seed={seed}", f"name={name}", *overrides, "--no-progress"]
             print("carsam " + " ".join(command[1:]), flush=True)
             log = Path(args.runs, f"{name}.log")
             with log.open("w") as out:
