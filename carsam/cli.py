@@ -1,4 +1,4 @@
-"""The `carsam` command: run, sweep, report, testbed."""
+"""The `carsam` command: run, sweep, report, dashboard, stats, testbed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import cast
 
 from carsam.config import ConfigError
@@ -95,6 +96,21 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from carsam.config import resolve
+    from carsam.models.sam import REAL_MODEL_TYPES
+    from carsam.stats import measure_statistics
+
+    if args.random_init and args.random_init not in ("testbed", *REAL_MODEL_TYPES):
+        raise ConfigError(f"--random-init must be testbed or one of {REAL_MODEL_TYPES}, got '{args.random_init}'")
+    config = resolve(args.experiment, args.overrides)
+    out = args.out or str(Path(config.runs_dir) / "stats" / (args.random_init or config.model.type))
+    paths = measure_statistics(config, out, images=args.images, random_init=args.random_init)
+    print(Path(paths[1]).read_text())  # statistics.md
+    print(f"wrote {', '.join(p.name for p in paths)} to {out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_testbed_data(args: argparse.Namespace) -> int:
     from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 
@@ -168,6 +184,22 @@ def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_dashboard)
 
 
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="FP activation statistics of a SAM (decoder attention ranges, 4-bit "
+                       "probability shares, BIG's bimodality, encoder outliers)",
+                       description="Run the FP model over a few val images and write RUNS/stats/<model>/"
+                       "statistics.{md,parquet,png,json}: per decoder attention the ranges and absmax/rms of its "
+                       "inputs and of Q, K, V, the share of probabilities below one 4-bit step, the keys' "
+                       "per-channel bimodality; per encoder block the per-channel outlier ratios.")
+    p.add_argument("experiment", help="experiment YAML for the model and data (e.g. experiments/fp.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.prompt_source=gt_boxes")
+    p.add_argument("--images", type=_positive_int, default=20, help="val images to pass (default 20)")
+    p.add_argument("--random-init", default=None, metavar="TYPE", help="measure a random initialisation of TYPE "
+                   "(testbed, vit_b, vit_l, vit_h; seeded by the config's seed) instead of the config's model")
+    p.add_argument("--out", default=None, help="output folder (default RUNS/stats/<model type>)")
+    p.set_defaults(func=_cmd_stats)
+
+
 def _add_testbed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("testbed", help="generate the synthetic dataset or train the testbed SAM",
                        description="The embedded default: a small SAM trained on synthetic COCO-format data.")
@@ -193,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsam", description="4-bit PTQ of Segment Anything: CAR-SAM and "
                                      "the baselines it is compared with, on SAM or the embedded testbed.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,report,dashboard,testbed}")
-    for add in (_add_run, _add_sweep, _add_report, _add_dashboard, _add_testbed):
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,report,dashboard,stats,testbed}")
+    for add in (_add_run, _add_sweep, _add_report, _add_dashboard, _add_stats, _add_testbed):
         add(sub)
     return parser
 

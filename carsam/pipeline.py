@@ -52,22 +52,34 @@ class DataSets:
     calib: CocoBoxPrompts
 
 
-def load_datasets(data: DataConfig, seed: int) -> DataSets:
-    """Build (and, for the testbed, generate once) the evaluation and calibration sets."""
-    val_paths: tuple[Path, Path, Path | None]  # images, annotations, prompts (None: no prompts file)
-    calib_paths: tuple[Path, Path, Path | None]
+_Paths = tuple[Path, Path, Path | None]  # images, annotations, prompts (None: no prompts file)
+
+
+def _dataset_paths(data: DataConfig) -> tuple[_Paths, _Paths]:
+    """The (val, calib) paths; the testbed's synthetic dataset is generated on first use."""
     if data.is_synthetic:
         root = ensure_dataset(SyntheticSpec(seed=data.synthetic_seed), dataset_dir(data.synthetic_root,
                                                                                     data.synthetic_seed))
-        val_paths = (root / "images" / "val", root / "instances_val.json", root / "prompts_val.json")
-        calib_paths = (root / "images" / "calib", root / "instances_calib.json", None)
-    else:
-        val_paths = (Path(data.images), Path(data.annotations), Path(data.prompts) if data.prompts else None)
-        calib_paths = (Path(data.calib_images), Path(data.calib_annotations),
-                       Path(data.calib_prompts) if data.calib_prompts else None)
-    val = CocoBoxPrompts(*val_paths, prompt_source=data.prompt_source)
+        return ((root / "images" / "val", root / "instances_val.json", root / "prompts_val.json"),
+                (root / "images" / "calib", root / "instances_calib.json", None))
+    return ((Path(data.images), Path(data.annotations), Path(data.prompts) if data.prompts else None),
+            (Path(data.calib_images), Path(data.calib_annotations),
+             Path(data.calib_prompts) if data.calib_prompts else None))
+
+
+def load_val_set(data: DataConfig) -> CocoBoxPrompts:
+    """The evaluation set (prompts per `data.prompt_source`; `data.max_val_images` of them, the same
+    images whatever the run's seed)."""
+    val = CocoBoxPrompts(*_dataset_paths(data)[0], prompt_source=data.prompt_source)
     if 0 < data.max_val_images < len(val):
-        val = val.subset(data.max_val_images, seed=0)  # the same images whatever the run's seed
+        val = val.subset(data.max_val_images, seed=0)
+    return val
+
+
+def load_datasets(data: DataConfig, seed: int) -> DataSets:
+    """Build (and, for the testbed, generate once) the evaluation and calibration sets."""
+    val = load_val_set(data)
+    calib_paths = _dataset_paths(data)[1]
     calib_source = "detector" if calib_paths[2] else "gt_boxes"
     calib_pool = CocoBoxPrompts(*calib_paths, prompt_source=calib_source, check_files=False)
     calib = calib_pool.subset(data.calib_size, seed, require_prompts=True)

@@ -20,7 +20,7 @@ def _sources() -> list[Path]:
 def test_top_level_holds_the_drivers_and_the_packages_only():
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert flat == ["__init__.py", "cli.py", "config.py", "files.py", "pipeline.py", "record.py", "run_context.py",
-                    "tracking.py"]
+                    "stats.py", "tracking.py"]
     assert all((PACKAGE / name / "__init__.py").is_file() for name in PACKAGES)
 
 

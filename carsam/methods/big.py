@@ -62,8 +62,15 @@ def bimodality_coefficient(x: Tensor) -> float:
         raise ValueError(f"the bimodality coefficient needs at least 4 values, got {n}")
     d = x.detach().double().flatten()
     d = d - d.mean()
-    m2, m3, m4 = (d**2).mean(), (d**3).mean(), (d**4).mean()
-    if float(m2) == 0.0:
+    return bimodality_from_moments(n, float((d**2).mean()), float((d**3).mean()), float((d**4).mean()))
+
+
+def bimodality_from_moments(n: int, m2: float, m3: float, m4: float) -> float:
+    """Sarle's bimodality coefficient from the count `n` (>= 4) and the central moments m2, m3, m4 (population,
+    i.e. divided by n), with the sample-size corrections of skewness and excess kurtosis; 0.0 if m2 == 0."""
+    if n < 4:
+        raise ValueError(f"the bimodality coefficient needs at least 4 values, got {n}")
+    if m2 <= 0.0:
         return 0.0
     skew = m3 / m2**1.5 * (n * (n - 1)) ** 0.5 / (n - 2)
     excess = ((n + 1) * (m4 / m2**2 - 3.0) + 6.0) * (n - 1) / ((n - 2) * (n - 3))
@@ -136,5 +143,5 @@ def integrate_bimodal_(attn: DecoderAttention, keys: Tensor, threshold: float = 
     return signs
 
 
-__all__ = ["BIMODALITY_THRESHOLD", "bimodality_coefficient", "channel_signs", "fold_signs_", "integrate_bimodal_",
-           "is_bimodal"]
+__all__ = ["BIMODALITY_THRESHOLD", "bimodality_coefficient", "bimodality_from_moments", "channel_signs",
+           "fold_signs_", "integrate_bimodal_", "is_bimodal"]
