@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from carsam.config import ConfigError
 from carsam.data.coco import DatasetError
@@ -119,10 +119,35 @@ def _cmd_testbed_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_overrides(pairs: Sequence[str]) -> dict[str, object]:
+    """`KEY=VALUE` pairs of `TrainSpec` fields, each VALUE parsed by the field's default's type."""
+    import dataclasses
+
+    from carsam.testbed.train import TrainSpec
+
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainSpec)}
+    recipe: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in defaults or key == "seed":
+            valid = sorted(set(defaults) - {"seed"})
+            raise ConfigError(f"--train takes KEY=VALUE with KEY one of {valid}, got '{pair}'")
+        kind = type(defaults[key])
+        try:
+            recipe[key] = kind(text)
+        except ValueError as err:
+            raise ConfigError(f"--train {key} needs a {kind.__name__}, got '{text}'") from err
+    return recipe
+
+
 def _cmd_testbed_build(args: argparse.Namespace) -> int:
     from carsam.testbed.build import build_testbed
 
-    card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out)
+    try:
+        card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out,
+                             recipe=_recipe_overrides(args.train))
+    except ValueError as err:  # a recipe field out of range, or a saved state of another recipe
+        raise ConfigError(str(err)) from err
     print(f"testbed checkpoint: {args.out}/{card['checkpoint']}  train time {card['train_seconds']:.0f}s  "
           f"val mIoU (GT boxes) {card['fp_metrics']['eval/mIoU']:.4f}")
     return 0
@@ -212,10 +237,13 @@ def _add_testbed(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_cmd_testbed_data)
     b = tsub.add_parser("build", help="generate the data and train the testbed SAM (about an hour on 2 cores)",
                         description="Generate the dataset, train the testbed, save the fp16 checkpoint and a JSON "
-                        "card with its FP metrics and training provenance.")
+                        "card with its FP metrics and training provenance. The training state is saved in "
+                        "OUT/train_state.pt as it goes; the same command resumes an interrupted build.")
     b.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     b.add_argument("--root", default="data", help="data parent folder (default data)")
     b.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the recipe's)")
+    b.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="training recipe fields (TrainSpec), "
+                   "e.g. decay_scope=matrices embedding_lr_scale=10 token_init_std=4 (default: v1's recipe)")
     b.add_argument("--out", default="build/testbed", help="output folder (default build/testbed; the shipped "
                    "pair is carsam/testbed/testbed_sam.pth + testbed.json)")
     b.set_defaults(func=_cmd_testbed_build)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,26 @@ from carsam.eval.evaluate import evaluate
 from carsam.files import file_sha256, write_text_atomic
 from carsam.record import git_commit, library_versions
 from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
-from carsam.testbed.train import TrainSpec, load_training_set, save_checkpoint, train_testbed
+from carsam.testbed.train import TrainSpec, init_token_embeddings_, load_training_set, save_checkpoint, train_testbed
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "testbed_sam.pth"
 CARD_NAME = "testbed.json"
 
 
-def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpec) -> tuple[Sam, list[dict], float]:
-    """Seeded init + training on `root`'s train split; returns (model, history, seconds)."""
+TRAIN_STATE_NAME = "train_state.pt"
+
+
+def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpec,
+                       state_path: Path | None = None) -> tuple[Sam, list[dict], float]:
+    """Seeded init + training on `root`'s train split (resumed from `state_path` if it exists); returns
+    (model, history, training seconds over every session)."""
     torch.manual_seed(train_spec.seed)
-    start = time.perf_counter()
     sam = build_testbed_sam(model_spec)
+    init_token_embeddings_(sam, train_spec.token_init_std)
     data = load_training_set(root / "images" / "train", root / "instances_train.json", model_spec.img_size)
-    history = train_testbed(sam, data, train_spec)
-    return sam, history, time.perf_counter() - start
+    history = train_testbed(sam, data, train_spec, state_path)
+    return sam, history, history[-1]["seconds"] if history else 0.0
 
 
 def fp_metrics(checkpoint: Path, root: Path) -> dict[str, float]:
@@ -67,15 +71,24 @@ def publish(sam: Sam, out_dir: Path, root: Path, data_spec: SyntheticSpec, train
 
 
 def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | None = None,
-                  out_dir: str | Path = "build/testbed") -> dict[str, Any]:
+                  out_dir: str | Path = "build/testbed", recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate the data of `seed`, train, and write `testbed_sam.pth` + `testbed.json` into `out_dir`.
 
-    The shipped pair lives in `carsam/testbed/`; copy a new build there to ship it.
+    `recipe` overrides `TrainSpec` fields (e.g. `{"decay_scope": "matrices"}`); `steps` overrides its steps.
+    The training state is kept in `out_dir/train_state.pt` every `checkpoint_every` steps, so an interrupted
+    build resumes where it stopped when run again with the same arguments (a state of another recipe is
+    refused). The shipped pair lives in `carsam/testbed/`; copy a new build there to ship it.
     """
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
+    fields = {f.name for f in dataclasses.fields(TrainSpec)} - {"seed"}
+    unknown = sorted(set(recipe or {}) - fields)
+    if unknown:
+        raise ValueError(f"unknown training field(s) {unknown}; valid: {sorted(fields)}")
     data_spec = SyntheticSpec(seed=seed)
     root = ensure_dataset(data_spec, dataset_dir(data_root, seed), ("train", "calib", "val"))
-    train_spec = TrainSpec(seed=seed, **({"steps": steps} if steps else {}))
-    sam, history, seconds = train_from_scratch(root, train_spec, TestbedSpec())
-    return publish(sam, Path(out_dir), root, data_spec, train_spec, history, seconds)
+    train_spec = TrainSpec(seed=seed, **{**(recipe or {}), **({"steps": steps} if steps else {})})
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    sam, history, seconds = train_from_scratch(root, train_spec, TestbedSpec(), folder / TRAIN_STATE_NAME)
+    return publish(sam, folder, root, data_spec, train_spec, history, seconds)

@@ -8,6 +8,14 @@ loss + dice loss (both on logits upsampled to the input frame) + MSE of the IoU 
 mask's true IoU; AdamW with linear warm-up and cosine decay. `Sam.forward` is no-grad, so the
 image encoder, prompt encoder and mask decoder are called directly. The decoder's other three
 mask tokens are not trained (the protocol never reads them).
+
+Recipe knobs beyond v1's (their defaults reproduce v1 exactly): `decay_scope` (`all`: weight decay on every
+parameter, v1; `matrices`: only on Linear/Conv weights, none on embeddings, norms, biases and position
+tables, the usual transformer practice), `embedding_lr_scale` (learning-rate multiplier of the learned
+tokens and prompt embeddings: `TOKEN_EMBEDDINGS`), `token_init_std` (their initial std; `nn.Embedding`'s
+is 1). With `state_path` the training state (model, optimiser, schedule, sampler RNG, history, step) is
+saved every `checkpoint_every` steps and a later call resumes from it, bit-identically to an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,10 +35,19 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
 
 from carsam.files import replace_atomic
 
 logger = logging.getLogger(__name__)
+
+
+DECAY_SCOPES = ("all", "matrices")
+# the learned embeddings that enter the decoder's token stream (module paths of `nn.Embedding`s): the output
+# tokens and the prompt point embeddings (a box adds point_embeddings[2] and [3] to its corners' PE). Not
+# `no_mask_embed`, which is added to every image token (the image stream).
+TOKEN_EMBEDDINGS = ("mask_decoder.iou_token", "mask_decoder.mask_tokens", "prompt_encoder.point_embeddings",
+                    "prompt_encoder.not_a_point_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +64,23 @@ class TrainSpec:
     box_jitter: float = 0.05
     seed: int = 0
     log_every: int = 100
+    decay_scope: str = "all"
+    embedding_lr_scale: float = 1.0
+    token_init_std: float = 1.0
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.decay_scope not in DECAY_SCOPES:
+            raise ValueError(f"decay_scope must be one of {DECAY_SCOPES}, got '{self.decay_scope}'")
+        for name in ("steps", "images_per_step", "boxes_per_image", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
+                             f"({self.log_every}), so that a resumed history has no gap")
+        if self.embedding_lr_scale <= 0 or self.token_init_std <= 0:
+            raise ValueError("embedding_lr_scale and token_init_std must be > 0, got "
+                             f"{self.embedding_lr_scale} and {self.token_init_std}")
 
 
 @dataclasses.dataclass
@@ -158,15 +192,79 @@ def _lr_factor(step: int, spec: TrainSpec) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec) -> list[dict[str, float]]:
-    """Train `sam` in place with the recipe above; returns the logged history."""
+def is_token_embedding(name: str) -> bool:
+    """Whether parameter `name` belongs to one of `TOKEN_EMBEDDINGS`."""
+    return any(name == e or name.startswith(e + ".") for e in TOKEN_EMBEDDINGS)
+
+
+def _decays(name: str, param: torch.Tensor, module: nn.Module) -> bool:
+    """`matrices` scope: weight decay only on the weight of a Linear or a Conv (not an Embedding, norm, bias,
+    positional or relative-position table)."""
+    return name.endswith(".weight") and isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))
+
+
+def parameter_groups(sam: Sam, spec: TrainSpec) -> list[dict]:
+    """AdamW groups: (decayed or not) x (token embeddings at `embedding_lr_scale` or not); empty ones dropped."""
+    modules = dict(sam.named_modules())
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in sam.named_parameters():
+        if not param.requires_grad:
+            continue
+        owner = modules[name.rsplit(".", 1)[0]] if "." in name else sam
+        decayed = spec.decay_scope == "all" or _decays(name, param, owner)
+        groups.setdefault((decayed, is_token_embedding(name)), []).append(param)
+    return [{"params": params, "weight_decay": spec.weight_decay if decayed else 0.0,
+             "lr": spec.lr * (spec.embedding_lr_scale if token else 1.0)}
+            for (decayed, token), params in sorted(groups.items())]
+
+
+def init_token_embeddings_(sam: Sam, std: float) -> None:
+    """Re-draw every `TOKEN_EMBEDDINGS` weight from N(0, std²) (global RNG); std 1 leaves them untouched."""
+    if std == 1.0:
+        return
+    with torch.no_grad():
+        for name, param in sam.named_parameters():
+            if is_token_embedding(name):
+                param.normal_(0.0, std)
+
+
+def _save_state(path: Path, spec: TrainSpec, sam: Sam, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, history: list[dict[str, float]],
+                step: int, seconds: float) -> None:
+    state = {"model": sam.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "generator": gen.get_state(), "history": history, "step": step, "seconds": seconds,
+             "spec": json.dumps(dataclasses.asdict(spec), sort_keys=True)}
+    replace_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec,
+                  state_path: str | Path | None = None) -> list[dict[str, float]]:
+    """Train `sam` in place with the recipe above; returns the logged history (`seconds` counts the training
+    time of every session). With `state_path`: resume from it if it exists, save to it every
+    `spec.checkpoint_every` steps."""
     gen = torch.Generator().manual_seed(spec.seed)
-    params = [p for p in sam.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    groups = parameter_groups(sam, spec)
+    params = [p for p in sam.parameters() if p.requires_grad]  # model order: the clipped norm's summation order
+    opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, spec))
+    history: list[dict[str, float]] = []
+    first, before = 0, 0.0
+    state_file = Path(state_path) if state_path is not None else None
+    if state_file is not None and state_file.is_file():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if state.get("spec") != json.dumps(dataclasses.asdict(spec), sort_keys=True):
+            raise ValueError(f"{state_file} holds a training of another recipe; delete it or train into another "
+                             f"folder (saved: {state.get('spec')})")
+        sam.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        history, first, before = list(state["history"]), int(state["step"]), float(state["seconds"])
+        logger.info("resuming the testbed training at step %d from %s", first, state_file)
     sam.train()
-    history, running, start = [], [], time.perf_counter()
-    for step in range(spec.steps):
+    running: list[dict[str, float]] = []
+    start = time.perf_counter()
+    for step in range(first, spec.steps):
         images, boxes, targets = sample_batch(data, spec, sam, gen)
         embeddings = sam.image_encoder(images)
         losses, stats = [], []
@@ -184,10 +282,13 @@ def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec) -> list[dict[str
         running.append({"loss": loss.item(), **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}})
         if (step + 1) % spec.log_every == 0 or step + 1 == spec.steps:
             entry = {k: float(np.mean([r[k] for r in running])) for k in running[0]}
-            entry.update(step=step + 1, lr=cast(float, sched.get_last_lr()[0]), seconds=time.perf_counter() - start)
+            entry.update(step=step + 1, lr=cast(float, sched.get_last_lr()[0]),
+                         seconds=before + time.perf_counter() - start)
             history.append(entry)
             logger.info("step %(step)d loss %(loss).4f train-IoU %(iou).3f lr %(lr).2e %(seconds).0fs", entry)
             running = []
+        if state_file is not None and ((step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps):
+            _save_state(state_file, spec, sam, opt, sched, gen, history, step + 1, before + time.perf_counter() - start)
     sam.eval()
     return history
 

@@ -1,4 +1,5 @@
-"""The testbed: SAM's real decoder shape, an fp16 checkpoint that round-trips, a recipe that learns."""
+"""The testbed: SAM's real decoder shape, an fp16 checkpoint that round-trips, a recipe that learns, the recipe's
+knobs (decay scope, token learning rate and init) and a resumable training."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import pytest
 import torch
 
 from carsam.models.checkpoint import CheckpointError
+from carsam.testbed import train as train_module
 from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
 from carsam.testbed.train import (
     TrainSpec,
     forward_boxes,
+    init_token_embeddings_,
+    is_token_embedding,
     load_training_set,
+    parameter_groups,
     sample_batch,
     save_checkpoint,
     segmentation_loss,
+    train_testbed,
 )
 
 
@@ -73,3 +79,75 @@ def test_recipe_overfits_a_fixed_batch(small_coco):
         loss().backward()
         opt.step()
     assert loss().item() < 0.7 * first.item()
+
+
+def test_matrices_scope_decays_only_linear_and_conv_weights_and_scales_token_lr():
+    sam = build_testbed_sam()
+    spec = TrainSpec(decay_scope="matrices", embedding_lr_scale=10.0, weight_decay=0.05, lr=1e-3)
+    names = {id(p): n for n, p in sam.named_parameters()}
+    groups = parameter_groups(sam, spec)
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    fast = {names[id(p)] for g in groups if g["lr"] == pytest.approx(1e-2) for p in g["params"]}
+    assert "mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight" in decayed
+    assert "image_encoder.patch_embed.proj.weight" in decayed  # a Conv2d
+    assert not any(n.endswith(".bias") or "norm" in n or "rel_pos" in n or n == "image_encoder.pos_embed"
+                   for n in decayed)
+    assert fast == {n for n in names.values() if is_token_embedding(n)} == {
+        "mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight", "prompt_encoder.not_a_point_embed.weight",
+        *(f"prompt_encoder.point_embeddings.{i}.weight" for i in range(4))}
+    assert not fast & decayed
+    assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+def test_v1_scope_decays_everything_at_one_rate():
+    groups = parameter_groups(build_testbed_sam(), TrainSpec())
+    assert {g["weight_decay"] for g in groups} == {0.05} and {g["lr"] for g in groups} == {1e-3}
+
+
+def test_token_init_std_redraws_only_the_token_embeddings():
+    torch.manual_seed(0)
+    sam = build_testbed_sam()
+    before = {n: p.clone() for n, p in sam.named_parameters()}
+    init_token_embeddings_(sam, 8.0)
+    for name, param in sam.named_parameters():
+        assert torch.equal(param, before[name]) != is_token_embedding(name), name
+    assert 6.0 < float(sam.mask_decoder.mask_tokens.weight.detach().std()) < 10.0
+
+
+def test_resumed_training_is_bit_identical_to_an_uninterrupted_one(small_coco, tmp_path, monkeypatch):
+    data = load_training_set(small_coco["calib_images"], small_coco["calib_annotations"], 128)
+    spec = TrainSpec(steps=4, images_per_step=1, boxes_per_image=1, warmup_steps=1, log_every=1, checkpoint_every=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_testbed_sam()
+
+    straight = fresh()
+    history = train_testbed(straight, data, spec)
+    calls = []
+
+    def dies_at_step_3(*args, **kwargs):  # one loss call per step here: the third call is step 3
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return segmentation_loss(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "segmentation_loss", dies_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train_testbed(fresh(), data, spec, tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
+    with pytest.raises(ValueError, match="another recipe"):
+        train_testbed(fresh(), data, dataclasses.replace(spec, lr=2e-3), tmp_path / "state.pt")
+    resumed = fresh()
+    resumed_history = train_testbed(resumed, data, spec, tmp_path / "state.pt")
+    assert [h["loss"] for h in resumed_history] == [h["loss"] for h in history]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_recipe_fields_are_validated():
+    with pytest.raises(ValueError, match="decay_scope"):
+        TrainSpec(decay_scope="some")
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        TrainSpec(checkpoint_every=150, log_every=100)
