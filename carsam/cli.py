@@ -119,14 +119,14 @@ def _cmd_testbed_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_overrides(pairs: Sequence[str]) -> dict[str, object]:
+def _recipe_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """`KEY=VALUE` pairs of `TrainSpec` fields, each VALUE parsed by the field's default's type."""
     import dataclasses
 
     from carsam.testbed.train import TrainSpec
 
     defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainSpec)}
-    recipe: dict[str, object] = {}
+    recipe: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or key not in defaults or key == "seed":
@@ -134,19 +134,29 @@ def _recipe_overrides(pairs: Sequence[str]) -> dict[str, object]:
             raise ConfigError(f"--train takes KEY=VALUE with KEY one of {valid}, got '{pair}'")
         kind = type(defaults[key])
         try:
-            recipe[key] = kind(text)
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                recipe[key] = text.lower() == "true"
+            else:
+                recipe[key] = kind(text)
         except ValueError as err:
             raise ConfigError(f"--train {key} needs a {kind.__name__}, got '{text}'") from err
+    try:
+        TrainSpec(**recipe)  # range checks before any data is generated
+    except ValueError as err:
+        raise ConfigError(f"--train: {err}") from err
     return recipe
 
 
 def _cmd_testbed_build(args: argparse.Namespace) -> int:
     from carsam.testbed.build import build_testbed
+    from carsam.testbed.train import TrainingStateError
 
+    recipe = _recipe_overrides(args.train)
     try:
-        card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out,
-                             recipe=_recipe_overrides(args.train))
-    except ValueError as err:  # a recipe field out of range, or a saved state of another recipe
+        card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out, recipe=recipe)
+    except TrainingStateError as err:  # OUT/train_state.pt was saved by another recipe
         raise ConfigError(str(err)) from err
     print(f"testbed checkpoint: {args.out}/{card['checkpoint']}  train time {card['train_seconds']:.0f}s  "
           f"val mIoU (GT boxes) {card['fp_metrics']['eval/mIoU']:.4f}")

@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 def measure_statistics(config: RunConfig, out: str | Path, *, images: int = 20, random_init: str | None = None
                        ) -> list[Path]:
     """Statistics of `config.model` (or of a random `random_init` architecture: `testbed`, `vit_b`, ...; seeded by
-    `config.seed`) over the first `images` val images of `config.data` (`data.max_val_images` is replaced),
-    with the prompts `data.prompt_source` names. Writes `out/statistics.{parquet,md,png,json}`; returns the
-    paths. The data are checked before the model is built."""
+    `config.seed`) over `images` val images of `config.data` (the subset `data.max_val_images=images` selects,
+    the same whatever the seed), with the prompts `data.prompt_source` names. Writes
+    `out/statistics.{parquet,md,png,json}`; returns the paths. The data are checked before the model is built."""
     if images < 1:
         raise ValueError(f"images must be >= 1, got {images}")
     val = load_val_set(dataclasses.replace(config.data, max_val_images=images))

@@ -17,8 +17,10 @@ What is measured, over the protocol's passes (per image: one encoder pass, then 
   `OUTLIER_FACTOR` x the median.
 
 All moments are accumulated in float64 over every call, so the result does not depend on how images
-are batched. Attention tensors are read through the quantized twins (`quantize_` with every quantizer in
-FP mode, bit-identical to the original model), so the model handed in must be plain FP or such a twin.
+are batched. Decoder tensors are counted once per prompt (an image's keys enter every one of its box
+decodes), so images weigh by their prompt count, as in the protocol's passes. Attention tensors are read
+through the quantized twins (`quantize_` with every quantizer in FP mode, bit-identical to the original
+model), so the model handed in must be such a twin.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class ChannelMoments:
         m2 = m2r - mean**2  # central moments from the raw ones
         m3 = m3r - 3 * mean * m2r + 2 * mean**3
         m4 = m4r - 4 * mean * m3r + 6 * mean**2 * m2r - 3 * mean**4
+        # a channel constant up to rounding (variance below 1e-12 of its second raw moment) has no spread
+        m2 = torch.where(m2 <= 1e-12 * m2r, torch.zeros_like(m2), m2)
         return torch.tensor([bimodality_from_moments(n, float(a), float(b), float(c)) for a, b, c in zip(m2, m3, m4)],
                             dtype=torch.float64)
 

@@ -112,9 +112,9 @@ def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None
         gt_boxes, gt_masks, gt_category_ids = dataset.ground_truth(image_id)
         masks, pred_iou = predictor.predict(embedding, boxes)
         prompted = ScoredMasks(masks, scores * pred_iou, category_ids)
-        if np.array_equal(boxes, gt_boxes):  # GT-box prompts: decode and score once
+        if dataset.prompt_source == "gt_boxes":  # the prompts are the GT boxes (score 1): decode and score once
             gt_prompted = prompted
-        else:
+        else:  # scored by predicted IoU with the GT's category, even where a detector box equals a GT box
             gt_preds, gt_iou = predictor.predict(embedding, gt_boxes)
             gt_prompted = ScoredMasks(gt_preds, gt_iou, gt_category_ids)
         tally.add(image_id, prompted, gt_prompted, gt_masks)

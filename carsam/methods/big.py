@@ -71,7 +71,7 @@ def bimodality_from_moments(n: int, m2: float, m3: float, m4: float) -> float:
     if n < 4:
         raise ValueError(f"the bimodality coefficient needs at least 4 values, got {n}")
     if m2 <= 0.0:
-        return 0.0
+        return 0.0  # no spread (a channel that is constant up to rounding gives noise: see ChannelMoments)
     skew = m3 / m2**1.5 * (n * (n - 1)) ** 0.5 / (n - 2)
     excess = ((n + 1) * (m4 / m2**2 - 3.0) + 6.0) * (n - 1) / ((n - 2) * (n - 3))
     return float((skew**2 + 1.0) / (excess + 3.0 * (n - 1) ** 2 / ((n - 2) * (n - 3))))

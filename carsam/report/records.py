@@ -22,6 +22,10 @@ encoder quantized):
 - `mac_variant` ... `jcar_variance`: MAC's and JCAR's fields one by one, "-" when off, for the
   readings tables.
 
+For `other`, a setting an older record lacks is the value its code ran with: today's default, except
+where the field arrived with a different default than the behaviour before it (`LEGACY_VALUES`: the
+encoder's rel-pos term read the FP query and the encoder had no AGQ before issue 13).
+
 Metrics: every `record["metrics"]` entry (`eval/mAP`, `diag/*`, ...) plus `time/total_s`
 (`timings.total`).
 """
@@ -37,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 
-from carsam.config import JcarConfig, MacConfig
+from carsam.config import JcarConfig, MacConfig, RunConfig, to_dict
 from carsam.record import list_records
 
 COMPLETED = "completed"
@@ -117,6 +121,18 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+DEFAULT_SETTINGS = flatten(to_dict(RunConfig()))
+# what a record written before these fields existed ran with (their defaults changed when they arrived)
+LEGACY_VALUES = {"quant.rel_pos_query": "fp", "recon.agq_encoder": "False"}
+
+
+def settings_of(record: Mapping[str, Any]) -> dict[str, str]:
+    """The record's flattened resolved config, with the keys it lacks filled in (module docstring)."""
+    flat = flatten(record.get("config") or {})
+    missing = {k: LEGACY_VALUES.get(k, v) for k, v in DEFAULT_SETTINGS.items() if k not in flat}
+    return {**flat, **missing}
+
+
 def _is_setting(key: str) -> bool:
     return key not in NOT_SETTINGS and key not in RECORDING_KEYS and not key.startswith(NOT_SETTING_PREFIXES)
 
@@ -135,7 +151,7 @@ def reference_settings(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[s
         if rec.get("status") != COMPLETED:
             continue
         values = by_method.setdefault(rec.get("method", ""), {})
-        for key, value in flatten(rec.get("config") or {}).items():
+        for key, value in settings_of(rec).items():
             if _is_setting(key):
                 values.setdefault(key, []).append(value)
     return {m: {k: _most_common(v) for k, v in vals.items()} for m, vals in by_method.items()}
@@ -154,14 +170,14 @@ def varying_settings(records: Sequence[Mapping[str, Any]]) -> dict[tuple, set[st
     for rec in records:
         if rec.get("status") == COMPLETED:
             cell = values.setdefault(_cell(rec), {})
-            for key, value in flatten(rec.get("config") or {}).items():
+            for key, value in settings_of(rec).items():
                 cell.setdefault(key, set()).add(value)
     return {c: {k for k, v in keys.items() if len(v) > 1 and _is_setting(k)} for c, keys in values.items()}
 
 
 def other_label(record: Mapping[str, Any], reference: Mapping[str, str], keys: set[str]) -> str:
     """`key=value, ...` for the settings among `keys` where `record` differs from `reference`, else `NONE`."""
-    flat = flatten(record.get("config") or {})
+    flat = settings_of(record)
     diffs = [f"{k}={v}" for k, v in sorted(flat.items()) if k in keys and k in reference and v != reference[k]]
     return ", ".join(diffs) or NONE
 

@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 
 DECAY_SCOPES = ("all", "matrices")
+
+
+class TrainingStateError(ValueError):
+    """A saved training state that cannot be resumed with this recipe."""
 # the learned embeddings that enter the decoder's token stream (module paths of `nn.Embedding`s): the output
 # tokens and the prompt point embeddings (a box adds point_embeddings[2] and [3] to its corners' PE). Not
 # `no_mask_embed`, which is added to every image token (the image stream).
@@ -78,7 +82,8 @@ class TrainSpec:
         if self.checkpoint_every % self.log_every:
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
                              f"({self.log_every}), so that a resumed history has no gap")
-        if self.embedding_lr_scale <= 0 or self.token_init_std <= 0:
+        if not (math.isfinite(self.embedding_lr_scale) and math.isfinite(self.token_init_std)
+                and self.embedding_lr_scale > 0 and self.token_init_std > 0):
             raise ValueError("embedding_lr_scale and token_init_std must be > 0, got "
                              f"{self.embedding_lr_scale} and {self.token_init_std}")
 
@@ -253,8 +258,8 @@ def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec,
     if state_file is not None and state_file.is_file():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         if state.get("spec") != json.dumps(dataclasses.asdict(spec), sort_keys=True):
-            raise ValueError(f"{state_file} holds a training of another recipe; delete it or train into another "
-                             f"folder (saved: {state.get('spec')})")
+            raise TrainingStateError(f"{state_file} holds a training of another recipe; delete it or train into "
+                                     f"another folder (saved: {state.get('spec')})")
         sam.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -1,4 +1,5 @@
-"""The protocol's instance score is detector score x SAM's predicted IoU, with the prompt's category."""
+"""The protocol's instance score is detector score x SAM's predicted IoU, with the prompt's category; a GT-box
+decode (eval/gt_box_mAP) is scored by the predicted IoU with the GT's category."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ class _GroundTruthPredictor:
 
 def test_results_are_scored_detector_score_times_predicted_iou(monkeypatch, small_coco):
     data = CocoBoxPrompts(small_coco["images"], small_coco["annotations"], small_coco["prompts"])
-    captured = {}
+    captured: list[list[dict]] = []  # the prompts' results, then the GT-box decodes'
 
     def fake_segm_map(coco, results, image_ids):
-        captured["results"] = results
+        captured.append(results)
         return {"mAP": 0.0, "mAP50": 0.0}
 
     monkeypatch.setattr(evaluate_module, "SamBoxPredictor", _GroundTruthPredictor)
@@ -41,5 +42,7 @@ def test_results_are_scored_detector_score_times_predicted_iou(monkeypatch, smal
     for image_id in data.image_ids:
         _, scores, cats = data.prompts(image_id)
         expected += [(image_id, int(c), pytest.approx(0.5 * float(s))) for s, c in zip(scores, cats)]
-    got = [(r["image_id"], r["category_id"], r["score"]) for r in captured["results"]]
+    got = [(r["image_id"], r["category_id"], r["score"]) for r in captured[0]]
     assert got == expected and len(got) == data.num_prompts > 0
+    gt_expected = [(image_id, int(c), 0.5) for image_id in data.image_ids for c in data.ground_truth(image_id)[2]]
+    assert [(r["image_id"], r["category_id"], r["score"]) for r in captured[1]] == gt_expected  # IoU x GT category

@@ -101,16 +101,20 @@ def _decoder_samples(twin, n: int, batch: int = 2, nq: int = 12, nk: int = 20, d
 
 
 def _explicit_score_error(attn, samples: list) -> float:
-    """`‖Ŝ − S‖/‖S‖` from the `qk_matmul` outputs themselves (FP: original weights), for exactness checks
-    below the ~1e-8 floor of the Gram-based meter."""
+    """`‖Ŝ − S‖/‖S‖` of the content scores `L̂ K̂ᵀ`, formed from `qk_matmul`'s quantized operands themselves (FP:
+    original weights), for exactness checks below the ~1e-8 floor of the Gram-based meter. (The encoder's
+    `qk_matmul` output also holds the relative-position term, which MAC does not fit.)"""
     def scores(mode: QuantMode | None) -> Tensor:
-        out: list[Tensor] = []
-        handle = attn.qk_matmul.register_forward_hook(lambda m, a, o: out.append(o.detach().clone()))
+        lhs: list[Tensor] = []
+        rhs: list[Tensor] = []
+        handles = [attn.qk_matmul.lhs_quantizer.register_forward_hook(lambda m, a, o: lhs.append(o.detach().clone())),
+                   attn.qk_matmul.rhs_quantizer.register_forward_hook(lambda m, a, o: rhs.append(o.detach().clone()))]
         with quant_modes_set(attn, mode), torch.no_grad():
             for sample in samples:
                 sample("")
-        handle.remove()
-        return torch.cat([o.flatten() for o in out])
+        for handle in handles:
+            handle.remove()
+        return torch.cat([(a @ b).flatten() for a, b in zip(lhs, rhs)])
     fp = scores(QuantMode.FP)  # quant_modes_set(FP) swaps the original weights in
     return float((scores(None) - fp).norm() / fp.norm())
 

@@ -127,6 +127,17 @@ def test_runs_with_another_setting_are_not_averaged_together(runs):
     assert _cell(table, method="ptq4sam", other="recon.round_weight=0.001")["mean"] == pytest.approx(0.20)
 
 
+def test_a_record_older_than_a_placement_field_is_not_averaged_with_its_new_default(runs):
+    """Records written before `quant.rel_pos_query` and `recon.agq_encoder` existed ran with the FP-query
+    rel-pos term and no encoder AGQ, which today's defaults are not: the cells stay apart."""
+    make_run(runs, "r12-ptq4sam-new", "ptq4sam", metrics(0.50), quant={"rel_pos_query": "quantized"},
+             recon={"agq_encoder": True})
+    table = ablation_tables(long_table(runs))["method_bits"]
+    new = _cell(table, method="ptq4sam", other="quant.rel_pos_query=quantized, recon.agq_encoder=True")
+    assert (new["mean"], new["n"]) == (pytest.approx(0.50), 1)
+    assert _cell(table, method="ptq4sam", other="-")["mean"] == pytest.approx(0.41)
+
+
 def test_best_per_column_is_marked_within_each_encoder_group():
     table = pd.DataFrame({"encoder": ["quantized", "quantized", "FP", "FP", "FP"], "method": list("abcde"),
                           "setting": "W4A4", "metric": "mAP", "mean": [0.30, 0.35, 0.40, 0.38, 0.4001],
