@@ -34,5 +34,5 @@ def test_rtn_runs_on_random_vit_b_at_1024(tmp_path, small_coco, random_vit_b_che
     assert record["status"] == "completed" and record["model"]["type"] == "vit_b"
     assert record["details"]["num_quantizers"] > 100  # 12 encoder + 7 decoder attentions, MLPs, neck
     evals = {k: v for k, v in record["metrics"].items() if k.startswith("eval/")}
-    assert len(evals) == 3 and all(0.0 <= v <= 1.0 for v in evals.values())
+    assert len(evals) == 5 and all(0.0 <= v <= 1.0 for v in evals.values())
     assert record["metrics"]["diag/entropy_fp_t2i"] > 0.0 and math.isfinite(record["metrics"]["diag/kl_t2i"])
