@@ -39,7 +39,7 @@ def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpe
     (model, history, training seconds over every session)."""
     torch.manual_seed(train_spec.seed)
     sam = build_testbed_sam(model_spec)
-    init_token_embeddings_(sam, train_spec.token_init_std)
+    init_token_embeddings_(sam, train_spec.token_init_std, train_spec.token_init_scope)
     data = load_training_set(root / "images" / "train", root / "instances_train.json", model_spec.img_size)
     history = train_testbed(sam, data, train_spec, state_path)
     return sam, history, history[-1]["seconds"] if history else 0.0

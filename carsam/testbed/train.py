@@ -13,9 +13,10 @@ Recipe knobs beyond v1's (their defaults reproduce v1 exactly): `decay_scope` (`
 parameter, v1; `matrices`: only on Linear/Conv weights, none on embeddings, norms, biases and position
 tables, the usual transformer practice), `embedding_lr_scale` (learning-rate multiplier of the learned
 tokens and prompt embeddings: `TOKEN_EMBEDDINGS`), `token_init_std` (their initial std; `nn.Embedding`'s
-is 1). With `state_path` the training state (model, optimiser, schedule, sampler RNG, history, step) is
-saved every `checkpoint_every` steps and a later call resumes from it, bit-identically to an
-uninterrupted run.
+is 1) and `token_init_scope` (`all` of them, or only the decoder's `output` tokens, leaving the prompts'
+embeddings at std 1 so that a box's positional encoding is not swamped). With `state_path` the training
+state (model, optimiser, schedule, sampler RNG, history, step) is saved every `checkpoint_every` steps and
+a later call resumes from it, bit-identically to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class TrainingStateError(ValueError):
 # `no_mask_embed`, which is added to every image token (the image stream).
 TOKEN_EMBEDDINGS = ("mask_decoder.iou_token", "mask_decoder.mask_tokens", "prompt_encoder.point_embeddings",
                     "prompt_encoder.not_a_point_embed")
+OUTPUT_TOKENS = TOKEN_EMBEDDINGS[:2]  # the decoder's own tokens; the others carry the prompts
+TOKEN_INIT_SCOPES = {"all": TOKEN_EMBEDDINGS, "output": OUTPUT_TOKENS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +74,15 @@ class TrainSpec:
     decay_scope: str = "all"
     embedding_lr_scale: float = 1.0
     token_init_std: float = 1.0
+    token_init_scope: str = "all"
     checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
         if self.decay_scope not in DECAY_SCOPES:
             raise ValueError(f"decay_scope must be one of {DECAY_SCOPES}, got '{self.decay_scope}'")
+        if self.token_init_scope not in TOKEN_INIT_SCOPES:
+            raise ValueError(f"token_init_scope must be one of {tuple(TOKEN_INIT_SCOPES)}, "
+                             f"got '{self.token_init_scope}'")
         for name in ("steps", "images_per_step", "boxes_per_image", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -197,9 +204,9 @@ def _lr_factor(step: int, spec: TrainSpec) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def is_token_embedding(name: str) -> bool:
-    """Whether parameter `name` belongs to one of `TOKEN_EMBEDDINGS`."""
-    return any(name == e or name.startswith(e + ".") for e in TOKEN_EMBEDDINGS)
+def is_token_embedding(name: str, scope: tuple[str, ...] = TOKEN_EMBEDDINGS) -> bool:
+    """Whether parameter `name` belongs to one of the embeddings of `scope` (default `TOKEN_EMBEDDINGS`)."""
+    return any(name == e or name.startswith(e + ".") for e in scope)
 
 
 def _decays(name: str, param: torch.Tensor, module: nn.Module) -> bool:
@@ -223,13 +230,14 @@ def parameter_groups(sam: Sam, spec: TrainSpec) -> list[dict]:
             for (decayed, token), params in sorted(groups.items())]
 
 
-def init_token_embeddings_(sam: Sam, std: float) -> None:
-    """Re-draw every `TOKEN_EMBEDDINGS` weight from N(0, std²) (global RNG); std 1 leaves them untouched."""
+def init_token_embeddings_(sam: Sam, std: float, scope: str = "all") -> None:
+    """Re-draw the weights of `TOKEN_INIT_SCOPES[scope]` (`all`: every `TOKEN_EMBEDDINGS`; `output`: the
+    decoder's IoU and mask tokens only) from N(0, std²) (global RNG); std 1 leaves them untouched."""
     if std == 1.0:
         return
     with torch.no_grad():
         for name, param in sam.named_parameters():
-            if is_token_embedding(name):
+            if is_token_embedding(name, TOKEN_INIT_SCOPES[scope]):
                 param.normal_(0.0, std)
 
 

@@ -151,3 +151,12 @@ def test_recipe_fields_are_validated():
         TrainSpec(decay_scope="some")
     with pytest.raises(ValueError, match="multiple of log_every"):
         TrainSpec(checkpoint_every=150, log_every=100)
+
+
+def test_output_scope_redraws_only_the_decoders_tokens():
+    torch.manual_seed(0)
+    sam = build_testbed_sam()
+    before = {n: p.clone() for n, p in sam.named_parameters()}
+    init_token_embeddings_(sam, 8.0, "output")
+    changed = {n for n, p in sam.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"}
