@@ -97,12 +97,11 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from carsam.config import resolve
-    from carsam.models.sam import REAL_MODEL_TYPES
+    from carsam.config import MODEL_TYPES, resolve
     from carsam.stats import measure_statistics
 
-    if args.random_init and args.random_init not in ("testbed", *REAL_MODEL_TYPES):
-        raise ConfigError(f"--random-init must be testbed or one of {REAL_MODEL_TYPES}, got '{args.random_init}'")
+    if args.random_init and args.random_init not in MODEL_TYPES:
+        raise ConfigError(f"--random-init must be one of {MODEL_TYPES}, got '{args.random_init}'")
     config = resolve(args.experiment, args.overrides)
     out = args.out or str(Path(config.runs_dir) / "stats" / (args.random_init or config.model.type))
     paths = measure_statistics(config, out, images=args.images, random_init=args.random_init)
@@ -132,14 +131,9 @@ def _recipe_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or key not in defaults or key == "seed":
             valid = sorted(set(defaults) - {"seed"})
             raise ConfigError(f"--train takes KEY=VALUE with KEY one of {valid}, got '{pair}'")
-        kind = type(defaults[key])
+        kind = type(defaults[key])  # str, int or float
         try:
-            if kind is bool:
-                if text.lower() not in ("true", "false"):
-                    raise ValueError(text)
-                recipe[key] = text.lower() == "true"
-            else:
-                recipe[key] = kind(text)
+            recipe[key] = kind(text)
         except ValueError as err:
             raise ConfigError(f"--train {key} needs a {kind.__name__}, got '{text}'") from err
     try:

@@ -67,19 +67,23 @@ def _dataset_paths(data: DataConfig) -> tuple[_Paths, _Paths]:
              Path(data.calib_prompts) if data.calib_prompts else None))
 
 
-def load_val_set(data: DataConfig) -> CocoBoxPrompts:
-    """The evaluation set (prompts per `data.prompt_source`; `data.max_val_images` of them, the same
-    images whatever the run's seed)."""
-    val = CocoBoxPrompts(*_dataset_paths(data)[0], prompt_source=data.prompt_source)
+def _val_set(paths: _Paths, data: DataConfig) -> CocoBoxPrompts:
+    val = CocoBoxPrompts(*paths, prompt_source=data.prompt_source)
     if 0 < data.max_val_images < len(val):
         val = val.subset(data.max_val_images, seed=0)
     return val
 
 
+def load_val_set(data: DataConfig) -> CocoBoxPrompts:
+    """The evaluation set (prompts per `data.prompt_source`; `data.max_val_images` of them, the same
+    images whatever the run's seed)."""
+    return _val_set(_dataset_paths(data)[0], data)
+
+
 def load_datasets(data: DataConfig, seed: int) -> DataSets:
     """Build (and, for the testbed, generate once) the evaluation and calibration sets."""
-    val = load_val_set(data)
-    calib_paths = _dataset_paths(data)[1]
+    val_paths, calib_paths = _dataset_paths(data)
+    val = _val_set(val_paths, data)
     calib_source = "detector" if calib_paths[2] else "gt_boxes"
     calib_pool = CocoBoxPrompts(*calib_paths, prompt_source=calib_source, check_files=False)
     calib = calib_pool.subset(data.calib_size, seed, require_prompts=True)

@@ -46,8 +46,7 @@ def measure_statistics(config: RunConfig, out: str | Path, *, images: int = 20, 
         sam = build_model(config.model.type, config.model.checkpoint or None)
         model = model_description(config.model)
     sam = quantize_(sam.to(device), QuantConfig())  # FP twins: every MatMul operand readable, outputs unchanged
-    with torch.no_grad():
-        frame = collect_statistics(sam, val, val.image_ids)
+    frame = collect_statistics(sam, val, val.image_ids)  # eval mode and no_grad inside
     title = f"{model['type']}: {model['checkpoint']}"
     provenance = {
         "model": model, "prompts": config.data.prompt_source, "images": val.image_ids,

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from carsam.data.coco import CocoBoxPrompts
-from carsam.diagnostics.collector import attention_sites
+from carsam.diagnostics.collector import AttentionSite, attention_sites
 from carsam.eval.inference import SamBoxPredictor, run_image
 from carsam.methods.big import BIMODALITY_THRESHOLD, bimodality_from_moments
 from carsam.models.quantize import ENCODER_SCOPE
@@ -45,7 +45,6 @@ from carsam.quant.state import eval_no_grad
 OUTLIER_FACTOR = 10.0  # a channel is an outlier when its absmax exceeds this many times the median channel's
 PROB_STEP_4BIT = 1.0 / 15.0  # one step of a 4-bit unsigned grid on [0, 1]
 FRAME_COLUMNS = ["scope", "module", "layer", "path", "tensor", "stat", "value"]
-RANGE_STATS = ("min", "max", "absmax", "rms", "absmax_rms")
 
 
 @dataclasses.dataclass
@@ -159,9 +158,9 @@ def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Tensor]:
 
 
 @contextmanager
-def _decoder_hooks(sam: nn.Module, meters: dict[str, _DecoderMeters]) -> Iterator[None]:
+def _decoder_hooks(sites: Sequence[AttentionSite], meters: dict[str, _DecoderMeters]) -> Iterator[None]:
     handles = []
-    for site in attention_sites(sam, ("decoder",)):
+    for site in sites:
         m = meters.setdefault(site.path, _DecoderMeters())
         attn: Any = site.attention
 
@@ -208,7 +207,7 @@ def _encoder_hooks(sam: nn.Module, meters: dict[tuple[str, str], ChannelAbsMax])
             handle.remove()
 
 
-def _decoder_rows(meters: dict[str, _DecoderMeters], sites: Sequence[Any]) -> list[dict[str, Any]]:
+def _decoder_rows(meters: dict[str, _DecoderMeters], sites: Sequence[AttentionSite]) -> list[dict[str, Any]]:
     rows = []
     for site in sites:
         m = meters[site.path]
@@ -249,7 +248,7 @@ def collect_statistics(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: Seque
     decoder: dict[str, _DecoderMeters] = {}
     encoder: dict[tuple[str, str], ChannelAbsMax] = {}
     predictor = SamBoxPredictor(sam, max_boxes_per_batch)
-    with eval_no_grad(sam), _decoder_hooks(sam, decoder), _encoder_hooks(sam, encoder):
+    with eval_no_grad(sam), _decoder_hooks(sites, decoder), _encoder_hooks(sam, encoder):
         for image_id in image_ids:
             run_image(predictor, dataset, image_id)
     frame = pd.DataFrame(_decoder_rows(decoder, sites) + _encoder_rows(encoder), columns=FRAME_COLUMNS)

@@ -58,27 +58,36 @@ class ScoredMasks(NamedTuple):
 
 @dataclasses.dataclass
 class _Tally:
-    """Accumulates COCO results and per-GT IoUs over images."""
+    """Accumulates COCO results and per-GT IoUs over images. `gt_prompts`: the set's prompts are its GT boxes
+    (score 1, the GT's category), so the GT-box results are the prompts' results, kept and scored once."""
 
+    gt_prompts: bool
     results: list[dict] = dataclasses.field(default_factory=list)
     gt_box_results: list[dict] = dataclasses.field(default_factory=list)
     ious: list[float] = dataclasses.field(default_factory=list)
     image_ids: list[int] = dataclasses.field(default_factory=list)
     num_prompts: int = 0
 
-    def add(self, image_id: int, prompted: ScoredMasks, gt_prompted: ScoredMasks, gt_masks: np.ndarray) -> None:
-        """Record one image: the masks of its prompts (N, H, W) and of its GT boxes (M, H, W), with scores and
-        categories, and the GT masks (M, H, W) they are compared with."""
+    def __post_init__(self) -> None:
+        if self.gt_prompts:
+            self.gt_box_results = self.results
+
+    def add(self, image_id: int, prompted: ScoredMasks, gt_prompted: ScoredMasks | None, gt_masks: np.ndarray) -> None:
+        """Record one image: the masks of its prompts (N, H, W) and of its GT boxes (M, H, W; None when
+        `gt_prompts`, the prompts are they), with scores and categories, and the GT masks (M, H, W)."""
         self.image_ids.append(image_id)
         self.num_prompts += len(prompted.masks)
-        results = masks_to_results(image_id, *prompted)
-        self.results.extend(results)
-        self.gt_box_results.extend(results if gt_prompted is prompted else masks_to_results(image_id, *gt_prompted))
+        self.results.extend(masks_to_results(image_id, *prompted))
+        if gt_prompted is None:
+            assert self.gt_prompts, "GT-box decodes are needed unless the prompts are the GT boxes"
+            gt_prompted = prompted
+        else:
+            self.gt_box_results.extend(masks_to_results(image_id, *gt_prompted))
         self.ious.extend(mask_iou(p, g) for p, g in zip(gt_prompted.masks, gt_masks))
 
     def finish(self, dataset: CocoBoxPrompts) -> EvalResult:
         segm = segm_map(dataset.coco, self.results, self.image_ids)
-        gt_segm = segm_map(dataset.coco, self.gt_box_results, self.image_ids)
+        gt_segm = segm if self.gt_prompts else segm_map(dataset.coco, self.gt_box_results, self.image_ids)
         miou = float(np.mean(self.ious)) if self.ious else 0.0
         metrics = {"eval/mAP": segm["mAP"], "eval/mAP50": segm["mAP50"], "eval/mIoU": miou,
                    "eval/gt_box_mAP": gt_segm["mAP"], "eval/gt_box_mAP50": gt_segm["mAP50"]}
@@ -105,19 +114,16 @@ def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None
     `max_images` evaluates the first images of the set only (mAP then covers just those).
     """
     predictor = SamBoxPredictor(sam, max_boxes_per_batch, source=source)
-    tally = _Tally()
+    tally = _Tally(gt_prompts=dataset.prompt_source == "gt_boxes")
     for image_id in _chosen_ids(dataset, max_images, progress, "eval"):
         embedding = predictor.embed_image(dataset, image_id)
         boxes, scores, category_ids = dataset.prompts(image_id)
         gt_boxes, gt_masks, gt_category_ids = dataset.ground_truth(image_id)
         masks, pred_iou = predictor.predict(embedding, boxes)
-        prompted = ScoredMasks(masks, scores * pred_iou, category_ids)
-        if dataset.prompt_source == "gt_boxes":  # the prompts are the GT boxes (score 1): decode and score once
-            gt_prompted = prompted
-        else:  # scored by predicted IoU with the GT's category, even where a detector box equals a GT box
-            gt_preds, gt_iou = predictor.predict(embedding, gt_boxes)
-            gt_prompted = ScoredMasks(gt_preds, gt_iou, gt_category_ids)
-        tally.add(image_id, prompted, gt_prompted, gt_masks)
+        gt_prompted = None  # GT-box prompts: decoded and scored once, above
+        if not tally.gt_prompts:  # scored by predicted IoU with the GT's category
+            gt_prompted = ScoredMasks(*predictor.predict(embedding, gt_boxes), gt_category_ids)
+        tally.add(image_id, ScoredMasks(masks, scores * pred_iou, category_ids), gt_prompted, gt_masks)
     return tally.finish(dataset)
 
 
@@ -142,12 +148,13 @@ def box_as_mask_floor(dataset: CocoBoxPrompts, *, max_images: int | None = None,
 
     This is what a collapsed model scores; no image is read, only prompts and GT masks.
     """
-    tally = _Tally()
+    tally = _Tally(gt_prompts=dataset.prompt_source == "gt_boxes")
     for image_id in _chosen_ids(dataset, max_images, progress, "box floor"):
         height, width = dataset.image_size(image_id)
         boxes, scores, category_ids = dataset.prompts(image_id)
         gt_boxes, gt_masks, gt_category_ids = dataset.ground_truth(image_id)
-        tally.add(image_id, ScoredMasks(boxes_to_masks(boxes, height, width), scores, category_ids),
-                  ScoredMasks(boxes_to_masks(gt_boxes, height, width), np.ones(len(gt_boxes)), gt_category_ids),
+        gt_prompted = None if tally.gt_prompts else ScoredMasks(boxes_to_masks(gt_boxes, height, width),
+                                                                np.ones(len(gt_boxes)), gt_category_ids)
+        tally.add(image_id, ScoredMasks(boxes_to_masks(boxes, height, width), scores, category_ids), gt_prompted,
                   gt_masks)
     return tally.finish(dataset)

@@ -111,10 +111,10 @@ class QuantEncoderAttention(nn.Module):
     Forward: x `(B, H, W, C)` -> `(B, H, W, C)`, via `qk_matmul(Q * d^-0.5, Kᵀ)` `(B*h, HW, HW)`, plus
     the relative-position term, softmax, `pv_matmul(P, V)`.
 
-    `rel_pos_query` says which queries the relative-position term reads: `quantized` (PTQ4SAM's code: the
-    quantized query, here `Q + (Q̂s - Qs) / s` with `s = d^-0.5` and `Q̂s` the `qk_matmul` lhs quantizer's
-    output, computed inside `qk_matmul` as its epilogue; exactly `Q` when that quantizer is in FP mode) or `fp`
-    (the unquantized `Q`, added after `qk_matmul`). The rel-pos tables themselves stay FP either way.
+    The relative-position term is added inside `qk_matmul`, as its epilogue, so `qk_matmul`'s output is the
+    whole score. `rel_pos_query` says which queries it reads: `quantized` (PTQ4SAM's code: the quantized query,
+    here `Q + (Q̂s - Qs) / s` with `s = d^-0.5` and `Q̂s` the lhs quantizer's output; exactly `Q` when that
+    quantizer is in FP mode) or `fp` (the unquantized `Q`). The rel-pos tables themselves stay FP either way.
     """
 
     def __init__(self, num_heads: int, scale: float, qkv: LinearLayer, proj: LinearLayer, qk_matmul: QuantMatMul,
@@ -146,23 +146,19 @@ class QuantEncoderAttention(nn.Module):
         b, h, w, _ = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # each (B*heads, HW, d)
-        scaled_q, keys_t = q * self.scale, k.transpose(-2, -1)
-        if self.use_rel_pos and self.rel_pos_query == "quantized":
-            attn = self.qk_matmul(scaled_q, keys_t, epilogue=self._rel_pos_epilogue(q, h, w))
-        else:
-            attn = self.qk_matmul(scaled_q, keys_t)
-            if self.use_rel_pos:
-                attn = image_encoder.add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        epilogue = self._rel_pos_epilogue(q, h, w) if self.use_rel_pos else None
+        attn = self.qk_matmul(q * self.scale, k.transpose(-2, -1), epilogue=epilogue)
         attn = attn.softmax(dim=-1)
         out = self.pv_matmul(attn, v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 
     def _rel_pos_epilogue(self, q: Tensor, h: int, w: int) -> MatMulEpilogue:
-        """The relative-position term read from the quantized query: `q` `(B*heads, HW, d)` plus the lhs
-        quantizer's error rescaled by `1 / scale` (zero, so `q` bit for bit, when that quantizer is FP)."""
+        """Adds the relative-position term of `rel_pos_query`'s queries to the scores: `q` `(B*heads, HW, d)`,
+        plus for `quantized` the lhs quantizer's error rescaled by `1 / scale` (zero, so `q` bit for bit, when
+        that quantizer is FP)."""
         def add_rel_pos(scores: Tensor, scaled_q: Tensor, scaled_q_hat: Tensor) -> Tensor:
-            q_hat = q + (scaled_q_hat - scaled_q) / self.scale
-            return image_encoder.add_decomposed_rel_pos(scores, q_hat, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            query = q + (scaled_q_hat - scaled_q) / self.scale if self.rel_pos_query == "quantized" else q
+            return image_encoder.add_decomposed_rel_pos(scores, query, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
         return add_rel_pos
 
     def extra_repr(self) -> str:

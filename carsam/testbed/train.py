@@ -44,10 +44,6 @@ logger = logging.getLogger(__name__)
 
 
 DECAY_SCOPES = ("all", "matrices")
-
-
-class TrainingStateError(ValueError):
-    """A saved training state that cannot be resumed with this recipe."""
 # the learned embeddings that enter the decoder's token stream (module paths of `nn.Embedding`s): the output
 # tokens and the prompt point embeddings (a box adds point_embeddings[2] and [3] to its corners' PE). Not
 # `no_mask_embed`, which is added to every image token (the image stream).
@@ -55,6 +51,10 @@ TOKEN_EMBEDDINGS = ("mask_decoder.iou_token", "mask_decoder.mask_tokens", "promp
                     "prompt_encoder.not_a_point_embed")
 OUTPUT_TOKENS = TOKEN_EMBEDDINGS[:2]  # the decoder's own tokens; the others carry the prompts
 TOKEN_INIT_SCOPES = {"all": TOKEN_EMBEDDINGS, "output": OUTPUT_TOKENS}
+
+
+class TrainingStateError(ValueError):
+    """A saved training state that cannot be resumed with this recipe."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +209,7 @@ def is_token_embedding(name: str, scope: tuple[str, ...] = TOKEN_EMBEDDINGS) -> 
     return any(name == e or name.startswith(e + ".") for e in scope)
 
 
-def _decays(name: str, param: torch.Tensor, module: nn.Module) -> bool:
+def _decays(name: str, module: nn.Module) -> bool:
     """`matrices` scope: weight decay only on the weight of a Linear or a Conv (not an Embedding, norm, bias,
     positional or relative-position table)."""
     return name.endswith(".weight") and isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))
@@ -223,7 +223,7 @@ def parameter_groups(sam: Sam, spec: TrainSpec) -> list[dict]:
         if not param.requires_grad:
             continue
         owner = modules[name.rsplit(".", 1)[0]] if "." in name else sam
-        decayed = spec.decay_scope == "all" or _decays(name, param, owner)
+        decayed = spec.decay_scope == "all" or _decays(name, owner)
         groups.setdefault((decayed, is_token_embedding(name)), []).append(param)
     return [{"params": params, "weight_decay": spec.weight_decay if decayed else 0.0,
              "lr": spec.lr * (spec.embedding_lr_scale if token else 1.0)}
@@ -241,12 +241,17 @@ def init_token_embeddings_(sam: Sam, std: float, scope: str = "all") -> None:
                 param.normal_(0.0, std)
 
 
+def _recipe_key(spec: TrainSpec) -> str:
+    """The recipe a saved training state belongs to (it resumes only under the same one)."""
+    return json.dumps(dataclasses.asdict(spec), sort_keys=True)
+
+
 def _save_state(path: Path, spec: TrainSpec, sam: Sam, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, history: list[dict[str, float]],
                 step: int, seconds: float) -> None:
     state = {"model": sam.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "generator": gen.get_state(), "history": history, "step": step, "seconds": seconds,
-             "spec": json.dumps(dataclasses.asdict(spec), sort_keys=True)}
+             "spec": _recipe_key(spec)}
     replace_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -265,7 +270,7 @@ def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec,
     state_file = Path(state_path) if state_path is not None else None
     if state_file is not None and state_file.is_file():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-        if state.get("spec") != json.dumps(dataclasses.asdict(spec), sort_keys=True):
+        if state.get("spec") != _recipe_key(spec):
             raise TrainingStateError(f"{state_file} holds a training of another recipe; delete it or train into "
                                      f"another folder (saved: {state.get('spec')})")
         sam.load_state_dict(state["model"])
