@@ -256,7 +256,10 @@ class DiagnosticsConfig:
 
     `images`: how many val images (the first ones with prompts, the same for every run) the attention
     statistics are collected on; `scopes`: `decoder` and/or `encoder`; `iou_threshold`: detector prompt ->
-    GT mask matching for the mask mass; `oscillation_window`: smoothing window of the oscillation index.
+    GT mask matching for the mask mass; `oscillation_window`: smoothing window of the oscillation index;
+    `map_images`, `map_prompts`: the token->image attention maps kept for figures and the dashboard
+    (`runs/<run_id>/attention_maps.npz`, `carsam.diagnostics.maps`), of the first `map_prompts` prompts
+    of the first `map_images` of those images (0 keeps no maps).
     """
 
     enabled: bool = True
@@ -264,6 +267,8 @@ class DiagnosticsConfig:
     scopes: tuple[str, ...] = ("decoder",)
     iou_threshold: float = 0.5
     oscillation_window: int = 5
+    map_images: int = 2
+    map_prompts: int = 2
 
     def __post_init__(self) -> None:
         if self.images < 1:
@@ -276,6 +281,10 @@ class DiagnosticsConfig:
             raise ConfigError(f"diagnostics.iou_threshold must be in (0, 1], got {self.iou_threshold}")
         if self.oscillation_window < 1:
             raise ConfigError(f"diagnostics.oscillation_window must be >= 1, got {self.oscillation_window}")
+        if self.map_images < 0:
+            raise ConfigError(f"diagnostics.map_images must be >= 0, got {self.map_images}")
+        if self.map_prompts < 0:
+            raise ConfigError(f"diagnostics.map_prompts must be >= 0, got {self.map_prompts}")
 
 
 @dataclasses.dataclass(frozen=True)

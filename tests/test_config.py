@@ -49,6 +49,9 @@ def test_unknown_key_raises_and_names_it(tmp_path):
         resolve(None, ["jcar.grouping=attention_mlp"])
     with pytest.raises(ConfigError, match=r"^quant\.rel_pos_query must be one of"):  # the section named once
         resolve(None, ["quant.rel_pos_query=bogus"])
+    for key in ("diagnostics.map_images", "diagnostics.map_prompts"):
+        with pytest.raises(ConfigError, match=rf"^{key} must be >= 0"):
+            resolve(None, [f"{key}=-1"])
 
 
 @pytest.mark.parametrize("override", ["quant.w_bits=four", "quant.w_bits=4.5", "seed=true", "method=3"])

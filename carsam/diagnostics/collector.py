@@ -191,7 +191,7 @@ class _Accumulator:
 
 
 @contextlib.contextmanager
-def _tapped(sites: Sequence[AttentionSite], sink: ProbsSink) -> Iterator[None]:
+def tap_probabilities(sites: Sequence[AttentionSite], sink: ProbsSink) -> Iterator[None]:
     """Forward pre-hooks on every site's `pv_matmul` handing `(site index, P (B, h, Nq, Nk))` to `sink`."""
     def hook_for(index: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -258,14 +258,14 @@ def _image_stats(predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: 
     """Both passes over one image (module docstring), adding its statistics to `accumulator`."""
     sam, boxes = predictor.sam, dataset.prompts(image_id)[0]
     paired = _PairedImage(sites, accumulator)
-    with quant_modes_set(sam, QuantMode.FP), _tapped(sites, paired.keep):
+    with quant_modes_set(sam, QuantMode.FP), tap_probabilities(sites, paired.keep):
         embedding = predictor.embed_image(dataset, image_id)
         predictor.predict(embedding, boxes)
     if any(site.token_to_image for site in sites):
         grid = sam.prompt_encoder.image_embedding_size[0]
         paired.mask_tokens, paired.has_mask = prompt_mask_tokens(
             dataset, image_id, embedding.input_size, sam.image_encoder.img_size, grid, iou_threshold)
-    with quant_modes_set(sam, None), _tapped(sites, paired.compare):
+    with quant_modes_set(sam, None), tap_probabilities(sites, paired.compare):
         predictor.predict(predictor.embed_image(dataset, image_id), boxes)
     paired.check_complete()
 
@@ -300,5 +300,5 @@ def collect_attention_stats(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: 
 
 
 __all__ = ["ENCODER_ATTN", "ENTROPY_KINDS", "IMAGE_TO_TOKEN", "MASK_KINDS", "SCOPES", "SELF_ATTN", "TOKEN_TO_IMAGE",
-           "AttentionSite", "attention_sites", "call_stats", "collect_attention_stats", "mask_call_stats",
-           "match_prompts", "prompt_mask_tokens"]
+           "AttentionSite", "ProbsSink", "attention_sites", "call_stats", "collect_attention_stats", "mask_call_stats",
+           "match_prompts", "prompt_mask_tokens", "tap_probabilities"]

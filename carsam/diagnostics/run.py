@@ -4,6 +4,8 @@
 - the attention statistics of the quantized model against its FP self (`collect_attention_stats`) on the
   first `diagnostics.images` val images that have prompts (the same images for every run of a dataset),
   over the requested scopes that the run quantized (a scope left in FP has nothing to compare);
+- when the decoder is among them, the token->image attention maps of a few of those prompts
+  (`collect_attention_maps`, written to `attention_maps.npz`);
 - the reconstruction loss curves with their oscillation indices, and the boundary errors and
   cross-branch interference, from the method's `ReconReport` (methods that reconstruct);
 then writes them as one long table and returns it with its `diag/*` summary numbers.
@@ -24,6 +26,7 @@ from torch import nn
 from carsam.config import RunConfig
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.collector import collect_attention_stats
+from carsam.diagnostics.maps import MAPS_FILE, collect_attention_maps, write_attention_maps
 from carsam.diagnostics.oscillation import interference_frame, oscillation_frame
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, diagnostics_frame, summary_metrics, write_diagnostics_frame
 from carsam.eval.inference import EmbeddingSource
@@ -89,6 +92,10 @@ def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Mo
         frames.append(collect_attention_stats(sam, val, images, scopes, iou_threshold=settings.iou_threshold,
                                               source=source))
         info.update(images=images, scopes=scopes)
+        if "decoder" in scopes and settings.map_images and settings.map_prompts:
+            maps = collect_attention_maps(sam, val, images[:settings.map_images], settings.map_prompts, source=source)
+            write_attention_maps(run_dir, maps)
+            info["maps"] = {"file": MAPS_FILE, "images": images[:settings.map_images], "prompts": len(maps.fp)}
     else:
         info["attention"] = "skipped: the run quantizes none of diagnostics.scopes"
     frames += recon_frames(recon, settings.oscillation_window)

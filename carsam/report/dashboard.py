@@ -6,21 +6,29 @@ network. The page (`carsam/report/dashboard.html`: inline CSS, JS and hand-drawn
 `dashboard_data(runs_dir)` as one JSON blob in `<script type="application/json" id="carsam-data">`,
 with every `<` written `\\u003c` so no string can close the script. Non-finite numbers become null.
 
-Data layout (`DATA_VERSION` 1):
+Data layout (`DATA_VERSION` 2):
 - `runs`: one entry per readable record, oldest first: run_id, name, method, w_bits, a_bits, seed,
-  prompts, status, metrics, timings, seconds (`timings.total`), has_diagnostics.
+  prompts, status, metrics, timings, seconds (`timings.total`), has_diagnostics, setting (the report's cell
+  of the run, seeds aside: `carsam.report.records.setting_labels`; the page's "mean over seeds" groups by it).
 - `diagnostics[run_id]` (runs with a readable diagnostics file only):
   `attention`: rows `[module, layer, head, kind, value]` (kinds without a '/', e.g. `entropy_q`);
   `curves`: `{unit: {stream: {"step": [...], "value": [...]}}}` from the `loss/{stream}` rows;
   `unit_stats`: rows `[module, kind, step, value]` of every other `{quantity}/{stream}` kind
   (`oscillation_index/out`, `slope_sign_changes/out`, `interference/queries`, `boundary_error/keys`, ...).
+- `maps[run_id]` (runs with a readable `attention_maps.npz`, `carsam.diagnostics.maps`): `layers`, `grid`,
+  and `prompts`: `[{"image_id", "prompt_index", "box" (xyxy in the frame's pixels), "frame" (a key of
+  `frames`), "side" (the frame's pixels), "fp", "q" ([layer][g*g] probabilities, row-major)}]`.
+- `frames`: `{key: "data:image/png;base64,..."}`, each model-input frame once (key: a hash of its pixels).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
+import hashlib
 import html
 import http.server
+import io
 import json
 import logging
 import math
@@ -29,15 +37,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from PIL import Image
 
+from carsam.diagnostics.maps import MAPS_FILE, AttentionMaps, read_attention_maps
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, read_diagnostics
 from carsam.files import write_text_atomic
 from carsam.record import list_records
+from carsam.report.records import setting_labels
 
 logger = logging.getLogger(__name__)
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 DATA_ID = "carsam-data"
 DASHBOARD_FILE = "dashboard.html"
 RUN_KEYS = ("run_id", "name", "method", "w_bits", "a_bits", "seed", "prompts", "status")
@@ -58,9 +70,10 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _run_entry(rec: dict[str, Any], has_diagnostics: bool) -> dict[str, Any]:
-    """The table fields of one record."""
+def _run_entry(rec: dict[str, Any], has_diagnostics: bool, setting: str) -> dict[str, Any]:
+    """The table fields of one record; `setting`: its `setting_labels` entry."""
     entry: dict[str, Any] = {key: rec.get(key) for key in RUN_KEYS}
+    entry["setting"] = setting
     entry["metrics"] = dict(rec.get("metrics") or {})
     entry["timings"] = dict(rec.get("timings") or {})
     entry["seconds"] = entry["timings"].get("total")
@@ -93,6 +106,39 @@ def _read_run_diagnostics(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _frame_uri(frame: np.ndarray) -> tuple[str, str]:
+    """(key, PNG data URI) of one `(F, F, 3)` uint8 frame; the key is a hash of its pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    key = hashlib.sha1(frame.tobytes()).hexdigest()[:16]
+    return key, "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _maps_entry(maps: AttentionMaps, frames: dict[str, str]) -> dict[str, Any]:
+    """One run's maps (module docstring), adding its frames to `frames`."""
+    prompts = []
+    for i in range(len(maps.fp)):
+        key, uri = _frame_uri(maps.images[i])
+        frames.setdefault(key, uri)
+        prompts.append({"image_id": int(maps.image_ids[i]), "prompt_index": int(maps.prompt_index[i]),
+                        "box": [round(float(v), 2) for v in maps.boxes[i]], "frame": key,
+                        "side": int(maps.images[i].shape[0]),
+                        "fp": np.round(maps.fp[i].reshape(len(maps.layers), -1), 6).tolist(),
+                        "q": np.round(maps.q[i].reshape(len(maps.layers), -1), 6).tolist()})
+    return {"layers": maps.layers.tolist(), "grid": maps.grid, "prompts": prompts}
+
+
+def _read_run_maps(run_dir: Path, frames: dict[str, str]) -> dict[str, Any] | None:
+    """The maps entry of one run folder; None without a (readable) maps file."""
+    if not (run_dir / MAPS_FILE).is_file():
+        return None
+    try:
+        return _maps_entry(read_attention_maps(run_dir), frames)
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("skipping unreadable attention maps %s (%s)", run_dir / MAPS_FILE, err)
+        return None
+
+
 def dashboard_data(runs_dir: str | Path) -> dict[str, Any]:
     """Everything the page shows, from the records (and diagnostics files) under `runs_dir`.
 
@@ -101,18 +147,29 @@ def dashboard_data(runs_dir: str | Path) -> dict[str, Any]:
     with a warning, as `list_records` skips unreadable ones.
     """
     root = Path(runs_dir)
-    runs, diagnostics = [], {}
+    runs: list[dict[str, Any]] = []
+    diagnostics: dict[str, Any] = {}
+    maps: dict[str, Any] = {}
+    frames: dict[str, str] = {}
+    records = []
     for rec in list_records(root):
         if not isinstance(rec, dict) or not rec.get("run_id"):
             logger.warning("skipping a run record without a run_id under %s", root)
             continue
-        diag = _read_run_diagnostics(root / str(rec["run_id"]))
+        records.append(rec)
+    settings = setting_labels(records)
+    for rec in records:
+        run_id = str(rec["run_id"])
+        diag = _read_run_diagnostics(root / run_id)
         if diag is not None:
-            diagnostics[str(rec["run_id"])] = diag
-        runs.append(_run_entry(rec, diag is not None))
+            diagnostics[run_id] = diag
+        run_maps = _read_run_maps(root / run_id, frames)
+        if run_maps is not None:
+            maps[run_id] = run_maps
+        runs.append(_run_entry(rec, diag is not None, settings[run_id]))
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return _json_safe({"version": DATA_VERSION, "runs_dir": str(root), "generated_at": stamp, "runs": runs,
-                       "diagnostics": diagnostics})
+                       "diagnostics": diagnostics, "maps": maps, "frames": frames})
 
 
 def _summary(data: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@
 - `recon_loss_<run_id>.png`, one per run with curves: the reconstruction loss of each unit (one panel)
   and output stream (`loss/<stream>` rows; the `round`/`total` curves, which are not a reconstruction
   error, are left out), log y; the legend holds each curve's `oscillation_index/<stream>`.
+- `attention_maps_<image id>_<prompt index>.png`, one per prompt kept in the runs' `attention_maps.npz`:
+  the token->image attention maps, FP against each run (`carsam.report.attention_maps`).
 Runs without a `diagnostics.parquet` (or without the rows a figure needs) are left out of it.
 Figures are drawn on `matplotlib.figure.Figure` objects (Agg canvas), so pyplot's global state and
 the process's backend are never touched.
@@ -27,10 +29,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from carsam.diagnostics.collector import IMAGE_TO_TOKEN, SELF_ATTN, TOKEN_TO_IMAGE
+from carsam.diagnostics.maps import AttentionMaps
 from carsam.diagnostics.oscillation import LOSS, NON_RECON_STREAMS, OSCILLATION
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, head_means, read_diagnostics
 from carsam.files import replace_atomic
 from carsam.record import list_records
+from carsam.report.attention_maps import load_attention_maps, write_map_figures
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +62,13 @@ def load_diagnostics(runs_dir: str | Path, run_ids: Sequence[str] | None = None,
     """({label: diagnostics frame} of the completed runs that have one, [labels of those that have none]).
     `run_ids` restricts the runs (default: every completed run); `records`: the runs' records when the
     caller has read them already (default: read from `runs_dir`)."""
-    records = [r for r in (list_records(runs_dir) if records is None else records) if r.get("status") == "completed"
-               and (run_ids is None or r["run_id"] in run_ids)]
-    labels = run_labels(records)
     frames, skipped = {}, []
-    for rec in records:
-        run_dir = Path(runs_dir) / rec["run_id"]
+    for run_id, label in completed_labels(runs_dir, run_ids, records).items():
+        run_dir = Path(runs_dir) / run_id
         if (run_dir / DIAGNOSTICS_FILE).is_file():
-            frames[labels[rec["run_id"]]] = read_diagnostics(run_dir)
+            frames[label] = read_diagnostics(run_dir)
         else:
-            skipped.append(labels[rec["run_id"]])
+            skipped.append(label)
     return frames, skipped
 
 
@@ -174,13 +175,24 @@ def plot_recon_loss(diag: pd.DataFrame, title: str, path: str | Path) -> Path | 
     return _save(fig, Path(path))
 
 
+def completed_labels(runs_dir: str | Path, run_ids: Sequence[str] | None = None,
+                     records: Sequence[Mapping] | None = None) -> dict[str, str]:
+    """run_id -> label (`run_labels`) of the completed runs (or those of `run_ids`) under `runs_dir`."""
+    records = [r for r in (list_records(runs_dir) if records is None else records) if r.get("status") == "completed"
+               and (run_ids is None or r["run_id"] in run_ids)]
+    return run_labels(records)
+
+
 def write_figures(runs_dir: str | Path, out_dir: str | Path, run_ids: Sequence[str] | None = None) -> FigureResult:
     """Write the module docstring's PNGs for the completed runs (or `run_ids`) to `out_dir`."""
-    return figures_of(*load_diagnostics(runs_dir, run_ids), out_dir)
+    maps = load_attention_maps(runs_dir, completed_labels(runs_dir, run_ids))
+    return figures_of(*load_diagnostics(runs_dir, run_ids), out_dir, maps)
 
 
-def figures_of(diags: Mapping[str, pd.DataFrame], skipped: Sequence[str], out_dir: str | Path) -> FigureResult:
-    """`write_figures` on diagnostics already loaded (`load_diagnostics`): {label: frame}, labels without."""
+def figures_of(diags: Mapping[str, pd.DataFrame], skipped: Sequence[str], out_dir: str | Path,
+               maps: Mapping[str, AttentionMaps] | None = None) -> FigureResult:
+    """`write_figures` on diagnostics already loaded (`load_diagnostics`): {label: frame}, labels without;
+    `maps`: {label: attention maps} (`carsam.report.attention_maps.load_attention_maps`) for the map figures."""
     out = Path(out_dir)
     skipped = list(skipped)
     if skipped:
@@ -190,4 +202,5 @@ def figures_of(diags: Mapping[str, pd.DataFrame], skipped: Sequence[str], out_di
     for label, diag in diags.items():
         run_id = str(diag["run_id"].iloc[0]) if len(diag) else label
         written.append(plot_recon_loss(diag, label, out / f"recon_loss_{run_id}.png"))
+    written += write_map_figures(maps or {}, out)
     return FigureResult(written=[p for p in written if p is not None], skipped=skipped)

@@ -193,6 +193,13 @@ def run_row(record: Mapping[str, Any], other: str) -> dict[str, Any]:
             "jcar": jcar_label(config), "other": other, "status": record.get("status", ""), **readings(config)}
 
 
+def run_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """`run_row` of each record, its `other` label computed against all of `records`."""
+    references, varying = reference_settings(records), varying_settings(records)
+    return [run_row(rec, other_label(rec, references.get(rec.get("method", ""), {}), varying.get(_cell(rec), set())))
+            for rec in records]
+
+
 def metric_values(record: Mapping[str, Any]) -> dict[str, float]:
     """Every metric of a record, plus `time/total_s` when the record has a total time."""
     values = {k: float("nan") if v is None else float(v) for k, v in (record.get("metrics") or {}).items()}
@@ -204,15 +211,23 @@ def metric_values(record: Mapping[str, Any]) -> dict[str, float]:
 
 def records_long(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per record and metric, columns `LONG_COLUMNS` (records without a metric have no row)."""
-    references, varying = reference_settings(records), varying_settings(records)
     rows = []
-    for rec in records:
-        other = other_label(rec, references.get(rec.get("method", ""), {}), varying.get(_cell(rec), set()))
-        ids = run_row(rec, other)
+    for rec, ids in zip(records, run_rows(records)):
         rows += [{**ids, "metric": metric, "value": value} for metric, value in metric_values(rec).items()]
     return pd.DataFrame(rows, columns=list(LONG_COLUMNS)).astype({"w_bits": "int64", "a_bits": "int64",
                                                                   "seed": "int64", "data_seed": "int64",
                                                                   "value": "float64"})
+
+
+def setting_labels(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """run_id -> what its table cell is, seeds aside: method, bits, prompts, encoder, MAC, JCAR, `other` and
+    the dataset seed, as one readable string (runs that differ only in their seed share it)."""
+    labels = {}
+    for row in run_rows(records):
+        parts = [f"{row['method']} W{row['w_bits']}A{row['a_bits']}", str(row["prompts"]), f"encoder {row['encoder']}",
+                 f"mac {row['mac']}", f"jcar {row['jcar']}", f"data seed {row['data_seed']}"]
+        labels[str(row["run_id"])] = " · ".join(parts + ([row["other"]] if row["other"] != NONE else []))
+    return labels
 
 
 def long_table(runs_dir: str | Path) -> pd.DataFrame:

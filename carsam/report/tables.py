@@ -208,9 +208,11 @@ def _diagnostics_sections(runs_dir: str | Path, records: Sequence[Mapping[str, A
     """The dissipation and oscillation tables (`carsam.report.attention`) and the figures
     (`carsam.report.figures`) of the runs that have diagnostics, each diagnostics file read once."""
     from carsam.report.attention import dissipation_table, oscillation_table  # matplotlib and the diagnostics
-    from carsam.report.figures import figures_of, load_diagnostics  # readers, only on demand
+    from carsam.report.attention_maps import load_attention_maps
+    from carsam.report.figures import completed_labels, figures_of, load_diagnostics  # readers, only on demand
 
     diags, skipped = load_diagnostics(runs_dir, records=records)
+    maps = load_attention_maps(runs_dir, completed_labels(runs_dir, records=records))
     sections = []
     for name, title, table in (
             ("dissipation", "Attention dissipation per decoder attention (mean over heads; dH = entropy_q - "
@@ -223,7 +225,7 @@ def _diagnostics_sections(runs_dir: str | Path, records: Sequence[Mapping[str, A
         written.append(write_text_atomic(out / f"{name}.md", to_markdown(table, title, digits=4)))
         written.append(_csv(table, out / f"{name}.csv"))
         sections.append(to_markdown(table, title, digits=4))
-    result = figures_of(diags, skipped, out / "figures")
+    result = figures_of(diags, skipped, out / "figures", maps)
     written += result.written
     lines = [f"- `{p.relative_to(out)}`" for p in result.written] or ["- none (no run has diagnostics)"]
     if result.skipped:

@@ -7,9 +7,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from carsam.config import JcarConfig, MacConfig
+from carsam.diagnostics.maps import AttentionMaps
 from carsam.diagnostics.oscillation import oscillation_frame
 from carsam.diagnostics.writer import write_diagnostics
 from carsam.record import RunRecord, write_record
@@ -77,3 +79,17 @@ def recon_frame() -> pd.DataFrame:
 def add_diagnostics(run_dir: Path, entropy_q: float = 0.7, mass_q: float = 0.4) -> Path:
     """Write a `diagnostics.parquet` with `attention_frame` and `recon_frame` rows into `run_dir`."""
     return write_diagnostics(run_dir, run_dir.name, [attention_frame(entropy_q, mass_q), recon_frame()])
+
+
+def fake_attention_maps(shift: float, fp_seed: int = 0, prompts: int = 2, grid: int = 4) -> AttentionMaps:
+    """Maps of `prompts` prompts (image 7, prompts 0, 1, ...) at 3 layers on a `grid` x `grid` token grid:
+    FP maps drawn from `fp_seed` (so runs of one model share them), quantized = FP flattened towards uniform
+    by `shift` in [0, 1]; 32 x 32 frames, box (4, 4, 20, 24)."""
+    rng = np.random.default_rng(fp_seed)
+    fp = rng.random((prompts, 3, grid, grid)) ** 4
+    fp /= fp.sum(axis=(2, 3), keepdims=True)
+    q = (1 - shift) * fp + shift / grid ** 2
+    return AttentionMaps(fp=fp.astype(np.float32), q=q.astype(np.float32), layers=np.array([0, 1, 2]),
+                         image_ids=np.full(prompts, 7), prompt_index=np.arange(prompts),
+                         boxes=np.tile(np.array([[4, 4, 20, 24]], dtype=np.float32), (prompts, 1)),
+                         images=rng.integers(0, 255, (prompts, 32, 32, 3), dtype=np.uint8))

@@ -8,19 +8,23 @@ import sys
 import pytest
 from PIL import Image
 
+from carsam.diagnostics.maps import write_attention_maps
 from carsam.diagnostics.writer import read_diagnostics
+from carsam.report.attention_maps import map_entropy, write_map_figures
 from carsam.report.figures import layer_profile, recon_curves, write_figures
 
-from .helpers import add_diagnostics, make_run, metrics
+from .helpers import add_diagnostics, fake_attention_maps, make_run, metrics
 
 
 @pytest.fixture()
 def runs(tmp_path):
-    """Two runs with diagnostics (entropy_q 0.7 / 0.8, mask mass 0.4 / 0.3) and one without."""
+    """Two runs with diagnostics (entropy_q 0.7 / 0.8, mask mass 0.4 / 0.3) and attention maps, one without."""
     root = tmp_path / "runs"
     add_diagnostics(make_run(root, "r1-ptq4sam", "ptq4sam", metrics(0.40)), entropy_q=0.7, mass_q=0.4)
     add_diagnostics(make_run(root, "r2-carsam", "carsam", metrics(0.45), mac={"enabled": True}), 0.8, 0.3)
     make_run(root, "r3-rtn", "rtn", metrics(0.30))
+    write_attention_maps(root / "r1-ptq4sam", fake_attention_maps(0.5))
+    write_attention_maps(root / "r2-carsam", fake_attention_maps(0.1))
     return root
 
 
@@ -34,8 +38,8 @@ def _png_size(path) -> tuple[int, int]:
 def test_figures_are_valid_pngs_and_runs_without_diagnostics_are_skipped(runs, tmp_path):
     result = write_figures(runs, tmp_path / "figures")
     names = sorted(p.name for p in result.written)
-    assert names == ["attention_entropy.png", "mask_mass_t2i.png", "recon_loss_r1-ptq4sam.png",
-                     "recon_loss_r2-carsam.png"]
+    assert names == ["attention_entropy.png", "attention_maps_7_0.png", "attention_maps_7_1.png",
+                     "mask_mass_t2i.png", "recon_loss_r1-ptq4sam.png", "recon_loss_r2-carsam.png"]
     for path in result.written:
         width, height = _png_size(path)
         assert path.stat().st_size > 0 and width > 100 and height > 100
@@ -74,3 +78,24 @@ def test_figures_leave_pyplot_and_the_backend_alone(runs, tmp_path):
     write_figures(runs, tmp_path / "figures")
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert had_pyplot or "matplotlib.pyplot" not in sys.modules
+
+
+def test_map_figures_leave_out_runs_of_another_fp_model(tmp_path, caplog):
+    maps = {"a": fake_attention_maps(0.5), "b": fake_attention_maps(0.2), "other model": fake_attention_maps(0.2, 1)}
+    with caplog.at_level("INFO", logger="carsam.report.attention_maps"):
+        written = write_map_figures(maps, tmp_path)
+    assert [p.name for p in written] == ["attention_maps_7_0.png", "attention_maps_7_1.png"]
+    assert "other model" in caplog.text and "FP map differs" in caplog.text
+    width, _ = _png_size(written[0])
+    assert width > 300  # FP and two run columns
+
+
+def test_map_entropy_is_one_for_uniform_and_zero_for_one_hot():
+    import numpy as np
+
+    assert map_entropy(np.full((4, 4), 1 / 16)) == pytest.approx(1.0)
+    one_hot = np.zeros((4, 4))
+    one_hot[1, 2] = 1.0
+    assert map_entropy(one_hot) == pytest.approx(0.0)
+    flattened = fake_attention_maps(0.5)
+    assert map_entropy(flattened.q[0, 0]) > map_entropy(flattened.fp[0, 0])  # flattening raises H

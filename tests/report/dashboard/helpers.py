@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from carsam.diagnostics.maps import write_attention_maps
 from carsam.diagnostics.writer import write_diagnostics
 from carsam.record import RunRecord, write_record
+from tests.report.helpers import fake_attention_maps
 
 MODULES = ("decoder.self_attn", "decoder.token_to_image")
 
@@ -57,7 +59,8 @@ def recon_frame(wiggle: float) -> pd.DataFrame:
 
 
 def write_fake_runs(runs: Path) -> dict[str, RunRecord]:
-    """Three runs under `runs`: two with diagnostics, one without (whose name holds `</script>`)."""
+    """Three runs under `runs`: two with diagnostics and attention maps, one without (whose name holds
+    `</script>`)."""
     specs = [("r1", "rtn_w4a4", "rtn", 0.05, 0.3), ("r2", "carsam_w4a4", "carsam", 0.01, 0.05)]
     records = {}
     for run_id, name, method, shift, wiggle in specs:
@@ -65,6 +68,7 @@ def write_fake_runs(runs: Path) -> dict[str, RunRecord]:
                           diag__entropy_gap_t2i=shift, diag__oscillation_index=wiggle)
         write_record(runs / run_id, rec)
         write_diagnostics(runs / run_id, run_id, [attention_frame(shift), recon_frame(wiggle)])
+        write_attention_maps(runs / run_id, fake_attention_maps(shift * 10))
         records[run_id] = rec
     plain = make_record("r3", "omse </script><b>bold</b>", "omse", eval__mAP=0.21)
     write_record(runs / "r3", plain)

@@ -27,7 +27,9 @@ EXERCISE = """<script>
     Array.prototype.slice.call(sel.options).forEach(function (o) {
       sel.value = o.value; sel.dispatchEvent(new Event("change", {bubbles: true})); });
   }
-  ["attn-kind", "head-run", "head-kind", "recon-run", "recon-unit"].forEach(cycle);
+  ["attn-kind", "head-run", "head-kind", "recon-run", "recon-unit", "map-prompt"].forEach(cycle);
+  var group = document.getElementById("group-seeds");
+  group.click(); cycle("attn-kind"); group.click();
   Array.prototype.slice.call(document.querySelectorAll("#table th")).forEach(function (th) { th.click(); th.click(); });
   ["sel-none", "sel-diag", "sel-all"].forEach(function (id) {
     document.getElementById(id).click(); cycle("attn-kind"); cycle("recon-unit"); });
@@ -67,6 +69,8 @@ def test_page_renders_without_js_errors_and_shows_the_runs(fake_runs, tmp_path):
         assert html.escape(rec.name, quote=False) in rendered, rec.name
     assert "<b>bold</b>" not in rendered  # a run name is text, never markup
     assert rendered.count("<svg") >= 3 and "decoder.token_to_image" in rendered and "oscillation_index/out" in rendered
+    assert rendered.count("<canvas") == 3 * 3  # the maps: 3 layers x (FP + the two runs with maps)
+    assert "final t2i" in rendered and "H=" in rendered
 
 
 def test_screenshot_is_produced_and_not_blank(fake_runs, tmp_path):

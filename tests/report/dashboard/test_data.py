@@ -120,3 +120,33 @@ def test_diagnostics_frame_columns_survive_nan_values(tmp_path):
                          columns=["module", "layer", "head", "kind", "step", "value"])
     write_diagnostics(runs / "x", "x", [frame])
     assert dashboard_data(runs)["diagnostics"]["x"]["unit_stats"] == [["u", "oscillation_index/out", 0, None]]
+
+
+def test_embedded_maps_match_the_maps_files_and_frames_are_stored_once(fake_runs, tmp_path):
+    import numpy as np
+
+    from carsam.diagnostics.maps import read_attention_maps
+
+    _, data = _page_data(fake_runs["dir"], tmp_path)
+    assert sorted(data["maps"]) == ["r1", "r2"]  # r3 has no maps file
+    for run_id in ("r1", "r2"):
+        maps, entry = read_attention_maps(fake_runs["dir"] / run_id), data["maps"][run_id]
+        assert entry["layers"] == [0, 1, 2] and entry["grid"] == maps.grid
+        for i, prompt in enumerate(entry["prompts"]):
+            assert (prompt["image_id"], prompt["prompt_index"]) == (7, i)
+            np.testing.assert_allclose(prompt["q"], maps.q[i].reshape(3, -1), atol=1e-6)
+            np.testing.assert_allclose(prompt["fp"], maps.fp[i].reshape(3, -1), atol=1e-6)
+            assert data["frames"][prompt["frame"]].startswith("data:image/png;base64,")
+    assert len(data["frames"]) == 2  # both runs show the same two frames
+
+
+def test_runs_that_differ_only_in_their_seed_share_a_setting(tmp_path):
+    from tests.report.helpers import make_run, metrics
+
+    root = tmp_path / "runs"
+    make_run(root, "a0", "ptq4sam", metrics(0.40), seed=0)
+    make_run(root, "a1", "ptq4sam", metrics(0.42), seed=1)
+    make_run(root, "b0", "ptq4sam", metrics(0.41), bits=6)
+    settings = {r["run_id"]: r["setting"] for r in dashboard_data(root)["runs"]}
+    assert settings["a0"] == settings["a1"] != settings["b0"]
+    assert "W4A4" in settings["a0"] and "W6A6" in settings["b0"]
