@@ -1,6 +1,7 @@
 """A small CAR-SAM study for `make sweep` on the testbed: decoder-only W4A4 (image encoder in FP) at a
 reduced cost (50 reconstruction steps per unit, 8 calibration images, 60 val images), searching the MAC
-strength and variant, the JCAR token weight and the JCAR grouping. Its mAP is a quick, noisy proxy:
+strength and variant, the JCAR token weight and the JCAR grouping, beside FP, RTN and PTQ4SAM reference runs
+at the same budget (run once). Its mAP is a quick, noisy proxy:
 confirm a chosen point with `carsam run experiments/carsam_w4a4.yaml quant.quantize_encoder=false ...`.
 
     carsam sweep sweeps/carsam_quick.py --trials 8
@@ -11,6 +12,13 @@ EXPERIMENT = "../experiments/carsam_w4a4.yaml"
 # of the study and the CAR-SAM row of `carsam report`'s ablation tables.
 START = [{"mac.strength": 1.0, "mac.variant": "qk", "jcar.w_tokens": 1.0, "jcar.grouping": "chain"}]
 FIXED = ["quant.quantize_encoder=false", "recon.iters=50", "data.calib_size=8", "data.max_val_images=60"]
+# Reference rows at the same budget, run once before the trials (reused while their config is unchanged), so the
+# report shows the trials beside FP, RTN and PTQ4SAM (the MAC x JCAR table's baseline).
+REFERENCES = {
+    "fp": ("../experiments/fp.yaml", FIXED),
+    "rtn": ("../experiments/rtn_w4a4.yaml", FIXED),
+    "ptq4sam": ("../experiments/ptq4sam_w4a4.yaml", FIXED),
+}
 
 
 def suggest(trial) -> list[str]:

@@ -1,5 +1,8 @@
 """Optuna sweeps: a search space is a small Python file (`carsam.sweep.space`); every trial is one run record.
 
+Before the trials, the space's reference runs (REFERENCES) that are not already under the runs folder run
+once (`run_references`).
+
 `run_sweep` brings a study to `trials` COMPLETE trials (a grid space: at most its number of points).
 Running the same command again resumes: it runs only what is missing, re-queueing the grid points (or,
 without a grid, the parameter sets) whose trials failed. Several workers (`workers=K`, or several
@@ -13,6 +16,7 @@ whose run raises is recorded as FAIL with its error (user attribute `error`) and
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -26,13 +30,14 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from carsam import pipeline
-from carsam.config import ConfigError, resolve
+from carsam.config import ConfigError, resolve, to_dict
+from carsam.record import list_records
 from carsam.sweep.space import BITS, SearchSpace, load_space, objective_value
 from carsam.sweep.storage import default_storage, heartbeat_interval, open_storage
 from carsam.sweep.summary import best_trials, trials_table
 
 __all__ = ["SweepSpec", "best_trials", "enqueue_missing", "fail_stale", "make_objective", "planned_trials",
-           "run_sweep", "trials_table"]
+           "reference_name", "run_references", "run_sweep", "trials_table"]
 logger = logging.getLogger(__name__)
 MAX_POLL = 5.0  # seconds between checks while waiting for other workers' trials
 
@@ -243,6 +248,32 @@ def _run_workers(spec: SweepSpec, workers: int) -> None:
         raise RuntimeError(f"sweep workers exited with an error: {', '.join(failed)} (see their logs above)")
 
 
+def reference_name(study_name: str, label: str) -> str:
+    """The run name of a study's reference run `label`."""
+    return f"{study_name}-ref-{label}"
+
+
+def run_references(space: SearchSpace, study_name: str, runs_dir: str, overrides: list[str]) -> dict[str, str]:
+    """Run the space's REFERENCES (`carsam.sweep.space`) that have no completed record of the same name and
+    resolved config under `runs_dir`; returns label -> run id (reused or new). A reference that fails is
+    logged and left out; the trials still run."""
+    done = {r.get("name"): r for r in list_records(runs_dir) if r.get("status") == "completed"}
+    run_ids = {}
+    for label, (experiment, ref_overrides) in space.references.items():
+        config = resolve(experiment, [f"tracking.group={study_name}", *ref_overrides, *overrides])
+        config = dataclasses.replace(config, name=reference_name(study_name, label), runs_dir=runs_dir)
+        cached = done.get(config.name)
+        if cached is not None and cached.get("config") == json.loads(json.dumps(to_dict(config))):
+            logger.info("reference %s: reusing run %s", label, cached["run_id"])
+            run_ids[label] = str(cached["run_id"])
+            continue
+        try:
+            run_ids[label] = pipeline.run(config, extra={"study": study_name, "reference": label}).run_id
+        except Exception as err:  # a reference is context for the trials, not a reason to skip them
+            logger.error("reference %s failed (%s: %s); the trials run without it", label, type(err).__name__, err)
+    return run_ids
+
+
 def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None, study_name: str | None = None,
               runs_dir: str = "runs", seed: int = 0, overrides: list[str] | None = None, progress: bool = False,
               workers: int = 1, heartbeat: int | None = None) -> optuna.Study:
@@ -255,6 +286,7 @@ def run_sweep(space_path: str | Path, *, trials: int, storage: str | None = None
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
     spec = SweepSpec(str(space_path), trials, storage or default_storage(runs_dir, workers), study_name or space.name,
                      runs_dir, seed, tuple(overrides or ()), heartbeat, progress)
+    run_references(space, spec.study, runs_dir, list(spec.overrides))
     if workers == 1:
         return _worker(spec)
     if spec.storage.startswith("sqlite"):

@@ -10,6 +10,10 @@ A space file defines
   the code defaults, so a study always measures its reference point and the report's ablation tables
   (which hold runs at the defaults) are never empty after it; queued like grid points, so a rerun
   queues only those not completed;
+- optionally `REFERENCES: dict[str, tuple[str, list[str]]]`: label -> (experiment YAML, overrides) of
+  reference runs at the study's budget (e.g. FP, RTN, PTQ4SAM), run once before the trials and named
+  `<study>-ref-<label>`; a completed record of that name with the same resolved config is reused, so a
+  rerun of the study costs nothing for them, and the report shows the trials beside them;
 - optionally `DIRECTION` ("maximize", the default, applies to `eval/mAP`), or `OBJECTIVES`, a sequence
   of `(name, direction)` pairs for a multi-objective study, e.g.
   `(("eval/mAP", "maximize"), ("bits", "minimize"))`. A name is a metric of the run record
@@ -58,6 +62,14 @@ class SearchSpace:
     def starts(self) -> list[dict[str, Any]]:
         """The space's START points (empty without them), in declared order."""
         return [dict(point) for point in getattr(self.module, "START", None) or []]
+
+    @property
+    def references(self) -> dict[str, tuple[Path, list[str]]]:
+        """label -> (experiment path, overrides) of the space's REFERENCES (empty without them)."""
+        declared = getattr(self.module, "REFERENCES", None) or {}
+        folder = Path(cast(str, self.module.__file__)).parent  # experiments are relative to the space file
+        return {str(label): (folder / experiment, [str(o) for o in overrides])
+                for label, (experiment, overrides) in declared.items()}
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed)  # grid points arrive as queued fixed trials
@@ -117,4 +129,12 @@ def load_space(path: str | Path) -> SearchSpace:
         raise ConfigError(f"search space {path} must define EXPERIMENT and suggest(trial)")
     space = SearchSpace(path.stem, path.parent / module.EXPERIMENT, module)
     _check_objectives(space, path)
+    try:
+        references = space.references
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(f"search space {path}: REFERENCES must map labels to (experiment, [overrides]) "
+                          f"({err})") from err
+    for label, (experiment, _) in references.items():
+        if not experiment.is_file():
+            raise ConfigError(f"search space {path}: reference '{label}' names {experiment}, which does not exist")
     return space

@@ -229,6 +229,8 @@ def test_every_shipped_space_suggests_a_valid_config(path):
         study.enqueue_trial(params)
     config = resolve(space.experiment, space.overrides(study.ask()))
     assert config.method in ("rtn", "carsam")
+    for experiment_path, overrides in space.references.values():
+        resolve(experiment_path, overrides)  # every reference resolves too
 
 
 def test_workers_share_the_cores_evenly_and_never_get_zero_threads():
@@ -261,3 +263,30 @@ def test_carsam_spaces_start_at_the_code_defaults(name):
     study.enqueue_trial(space.starts[0])
     config = resolve(space.experiment, space.overrides(study.ask()))
     assert config.mac == MacConfig(enabled=True) and config.jcar == JcarConfig(enabled=True)
+
+
+def test_reference_runs_run_once_and_rerun_only_when_their_config_changes(tmp_path, trial_overrides):
+    from tests.helpers import experiment
+
+    extra = f'REFERENCES = {{"fp": ("{experiment("fp.yaml")}", []), "w6": ("{experiment("rtn_w8a8.yaml")}", ' \
+            '["quant.w_bits=6"])}'
+    space = write_space(tmp_path, {"quant.w_bits": [8]}, extra=extra)
+    runs = tmp_path / "runs"
+    run_sweep(space, trials=1, runs_dir=str(runs), overrides=trial_overrides)
+    names = sorted(r["name"] for r in list_records(runs))
+    assert names == ["tiny_space-ref-fp", "tiny_space-ref-w6", "tiny_space-t0"]
+    w6 = next(r for r in list_records(runs) if r["name"] == "tiny_space-ref-w6")
+    assert (w6["w_bits"], w6["a_bits"], w6["status"], w6["details"]["reference"]) == (6, 8, "completed", "w6")
+    run_sweep(space, trials=1, runs_dir=str(runs), overrides=trial_overrides)
+    assert len(list_records(runs)) == 3  # the references are reused, the trial is complete
+    run_sweep(space, trials=1, runs_dir=str(runs), overrides=[*trial_overrides, "data.max_val_images=1"])
+    assert sorted(r["name"] for r in list_records(runs)).count("tiny_space-ref-fp") == 2  # another config: rerun
+
+
+def test_a_reference_naming_a_missing_experiment_is_refused(tmp_path):
+    space = write_space(tmp_path, {"quant.w_bits": [8]}, extra='REFERENCES = {"fp": ("nowhere.yaml", [])}')
+    with pytest.raises(ConfigError, match="reference 'fp' names .*nowhere.yaml"):
+        load_space(space)
+    malformed = write_space(tmp_path, {"quant.w_bits": [8]}, name="bad", extra='REFERENCES = {"fp": "fp.yaml"}')
+    with pytest.raises(ConfigError, match="REFERENCES must map labels"):
+        load_space(malformed)
