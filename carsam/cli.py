@@ -13,8 +13,9 @@ from carsam.config import ConfigError
 from carsam.data.coco import DatasetError
 from carsam.methods.calibrate import CalibrationError
 from carsam.models.checkpoint import CheckpointError
+from carsam.models.finite import NonFiniteError
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, OSError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, NonFiniteError, OSError)
 
 
 def _positive_int(text: str) -> int:

@@ -32,6 +32,7 @@ from carsam.diagnostics.run import diagnose_run, diagnostic_images
 from carsam.eval.evaluate import EvalResult, box_as_mask_floor, evaluate
 from carsam.files import memoised_file_sha256, write_text_atomic
 from carsam.methods.registry import Method, get_method
+from carsam.models.finite import check_finite_
 from carsam.models.sam import build_model
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import assert_eval_ready, assert_quant_mode
@@ -181,6 +182,8 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
     seed_everything(config.seed)
     with _timed(record.timings, "build"):
         sam = build_model(config.model.type, config.model.checkpoint or None).to(device) if method.uses_model else None
+        if sam is not None:
+            check_finite_(sam, f"loading the checkpoint {model_description(config.model)['checkpoint']}")
         data = load_datasets(config.data, config.seed)
     recon = None
     if sam is not None:
@@ -188,6 +191,7 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
             details = method.apply(sam, data.calib, config, context)
         recon = details.get("recon") if isinstance(details.get("recon"), ReconReport) else None
         record.details.update({**details, "recon": recon.record()} if recon is not None else details)
+        check_finite_(sam, f"method {config.method}")
         assert_ready_to_evaluate(sam, method.quantized)
     record.details["calib_images"] = len(data.calib)
     return sam, data, recon

@@ -25,6 +25,8 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm import tqdm
 
+from carsam.models.finite import check_finite_output
+
 if TYPE_CHECKING:
     from carsam.data.coco import CocoBoxPrompts
 
@@ -75,6 +77,7 @@ class SamBoxPredictor:
         resized = self.transform.apply_image(image)  # (h, w, 3) uint8
         pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
         features = self.sam.image_encoder(self.sam.preprocess(pixels.float()))
+        check_finite_output(features, "the image encoder's outputs")
         return ImageEmbedding(features, (resized.shape[0], resized.shape[1]), (image.shape[0], image.shape[1]))
 
     def embed_image(self, dataset: CocoBoxPrompts, image_id: int) -> ImageEmbedding:
@@ -111,6 +114,8 @@ class SamBoxPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
+        check_finite_output(low_res, "the mask decoder's mask logits")
+        check_finite_output(iou, "the mask decoder's IoU predictions")
         logits = self.sam.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
         masks = logits[:, 0] > self.sam.mask_threshold
         return masks.cpu().numpy(), iou[:, 0].float().cpu().numpy()

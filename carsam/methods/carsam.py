@@ -32,6 +32,7 @@ from carsam.methods.mac import apply_mac_
 from carsam.methods.ptq4sam import prepare_ptq4sam_
 from carsam.methods.qdrop import qdrop_recipe
 from carsam.methods.registry import Method, register
+from carsam.models.finite import check_finite_
 from carsam.recon.driver import recon_units, reconstruct_model_
 from carsam.recon.stage import ReconSettings
 from carsam.recon.units import ReconUnit
@@ -56,6 +57,7 @@ def apply_carsam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: Ru
     mac_on = config.mac.enabled and config.quant.quantize_decoder
     if mac_on and config.mac.order == "before":
         details["mac"] = apply_mac_(sam, calib, config.mac, source=context.embeddings)
+        check_finite_(sam, "MAC")
     settings_for = None
     if config.jcar.enabled:
         settings_for = jcar_settings_for(ReconSettings.from_config(config.recon), config.jcar)
@@ -63,6 +65,7 @@ def apply_carsam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: Ru
                                           settings_for=settings_for, context=context)
     if mac_on and config.mac.order == "after":
         details["mac"] = apply_mac_(sam, calib, config.mac, source=context.embeddings)
+        check_finite_(sam, "MAC")
     return details
 
 

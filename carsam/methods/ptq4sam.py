@@ -45,6 +45,7 @@ from carsam.methods.calibrate import calibrate_, calibration_counts
 from carsam.methods.qdrop import qdrop_recipe
 from carsam.methods.registry import Method, register
 from carsam.models.adapters import AttentionTwin, QuantDecoderAttention, QuantEncoderAttention
+from carsam.models.finite import check_finite_
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE, quantize_
 from carsam.quant.logquant import TAUS, LogQuantizer, pv_error
 from carsam.quant.quantizers import QuantizerBase, QuantMode
@@ -201,6 +202,7 @@ def _prepare(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: RunCon
     keys, searches = collect_fp_statistics(sam, calib, big, agq, context.embeddings)
     details = {"big": fold_bimodal_keys_(big, keys), "agq": adopt_searched_taus_(agq, searches)}
     calibrate_(sam, calib, progress=context.progress, source=context.embeddings)
+    check_finite_(sam, "PTQ4SAM's preparation (BIG, AGQ, calibration)")
     return {**calibration_counts(sam, calib), **details}
 
 

@@ -53,6 +53,7 @@ from torch import nn
 from carsam.cache.embeddings import encoder_fields
 from carsam.cache.prepared import state_sha256
 from carsam.eval.inference import EmbeddingSource
+from carsam.models.finite import check_finite_
 from carsam.quant.adaround import adaround_modules, enable_adaround_, finalize_adaround_, set_soft_rounding
 from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantizerBase, UniformQuantizer, iter_quantizers
@@ -201,6 +202,7 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
     result = reconstruct_unit(sam, unit, block_io, settings)
     set_soft_rounding(module, False)
     set_quant_prob(module, 1.0)
+    check_finite_(module, f"reconstruction of unit {unit.name}")
     return {**unit_record(unit, result, counts, block_io.nbytes / 2**20, recon.curve_points),
             "stage": dataclasses.asdict(settings)}
 
@@ -212,6 +214,7 @@ def finish_(sam: nn.Module) -> int:
     """
     baked = len(adaround_modules(sam))
     finalize_adaround_(sam)
+    check_finite_(sam, "rounding (AdaRound's bake)")
     set_quant_prob(sam, 1.0, weights=True)
     assert_eval_ready(sam)
     return baked
