@@ -1,10 +1,12 @@
-"""The `carsam` command: run, sweep, report, dashboard, stats, testbed."""
+"""The `carsam` command: run, sweep, report, dashboard, stats, testbed, clean."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -69,12 +71,45 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from carsam.report.tables import write_report
 
+    if args.status:
+        return _print_status(args.runs)
     paths = write_report(args.runs, args.out, figures=args.figures)
     if not paths:
         print(f"no run records under {args.runs}")
         return 0
     print(paths[-1].read_text())  # report.md: the Markdown tables
     print(f"wrote {len(paths)} files to {paths[-1].parent}", file=sys.stderr)
+    return 0
+
+
+def _print_status(runs: str) -> int:
+    from carsam.record import list_records
+
+    records = list_records(runs)
+    if not records:
+        print(f"no run records under {runs}")
+        return 0
+    for rec in records:
+        note = rec.get("status_note") or rec.get("error") or ""
+        print(f"{rec.get('run_id', '?')}  {rec.get('status', '?'):<11}  {note}".rstrip())
+    return 0
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    import shutil
+
+    from carsam.record import INTERRUPTED, list_records
+
+    stale = [rec["run_id"] for rec in list_records(args.runs) if rec.get("status") == INTERRUPTED and rec.get("run_id")]
+    for run_id in stale:
+        folder = Path(args.runs) / str(run_id)
+        if folder.resolve().parent != Path(args.runs).resolve():  # a run id never leaves the runs folder
+            raise ConfigError(f"refusing to remove {folder}: not a folder directly under {args.runs}")
+        print(f"{'would remove' if args.dry_run else 'removing'} {folder}")
+        if not args.dry_run:
+            shutil.rmtree(folder)
+    if not stale:
+        print(f"no interrupted runs under {args.runs}")
     return 0
 
 
@@ -197,8 +232,22 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", default="runs", help="runs folder (default runs)")
     p.add_argument("--out", default=None, help="output folder (default RUNS/report)")
     p.add_argument("--figures", action="store_true", help="also write PNG figures to OUT/figures (attention "
-                   "entropy, token->image mask mass, reconstruction loss curves)")
+                   "entropy, token->image mask mass, attention maps, reconstruction loss curves)")
+    p.add_argument("--status", action="store_true", help="only list every run with its status (a run killed "
+                   "without a word shows as interrupted, with when it was last alive)")
     p.set_defaults(func=_cmd_report)
+
+
+def _add_clean(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("clean", help="remove the folders of interrupted runs (only with --stale)",
+                       description="Remove the run folders whose status is interrupted: stopped by Ctrl-C or "
+                       "SIGTERM, or killed without a word (no heartbeat for a while, or the process gone). "
+                       "Completed and failed runs are never touched.")
+    p.add_argument("--runs", default="runs", help="runs folder (default runs)")
+    p.add_argument("--stale", action="store_true", required=True, help="remove interrupted runs (required: "
+                   "nothing is removed without it)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.set_defaults(func=_cmd_clean)
 
 
 def _add_dashboard(sub: argparse._SubParsersAction) -> None:
@@ -258,19 +307,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsam", description="4-bit PTQ of Segment Anything: CAR-SAM and "
                                      "the baselines it is compared with, on SAM or the embedded testbed.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,report,dashboard,stats,testbed}")
-    for add in (_add_run, _add_sweep, _add_report, _add_dashboard, _add_stats, _add_testbed):
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{run,sweep,report,dashboard,stats,testbed,clean}")
+    for add in (_add_run, _add_sweep, _add_report, _add_dashboard, _add_stats, _add_testbed, _add_clean):
         add(sub)
     return parser
 
 
+def _sigterm_as_interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM ends a command as Ctrl-C does: the run records `interrupted` and the exit is 130 + 2 = 143."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the subcommand; a user error is one line on stderr and exit 2."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("PIL").setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:
+        print(f"carsam: interrupted ({err or 'SIGINT'})", file=sys.stderr)
+        return 143 if str(err) == "SIGTERM" else 130
     except USER_ERRORS as err:
         if args.verbose:
             logging.exception("user error")

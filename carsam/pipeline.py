@@ -37,7 +37,17 @@ from carsam.models.sam import build_model
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import assert_eval_ready, assert_quant_mode
 from carsam.recon.driver import ReconReport
-from carsam.record import CONFIG_FILE, RunRecord, git_commit, library_versions, new_run_id, write_record
+from carsam.record import (
+    CONFIG_FILE,
+    INTERRUPTED,
+    Heartbeat,
+    RunRecord,
+    git_commit,
+    library_versions,
+    new_run_id,
+    process_identity,
+    write_record,
+)
 from carsam.run_context import RunContext
 from carsam.testbed.spec import TESTBED_CHECKPOINT
 from carsam.tracking import Tracker, log_diagnostic_curves
@@ -305,8 +315,10 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
     record = _new_record(config, method, model, run_id)
     # the intra-op thread count changes the last bits of reductions, which a reconstruction can amplify
-    record.details.update(extra or {}, command=" ".join(sys.argv), torch_threads=torch.get_num_threads())
+    record.details.update(extra or {}, command=" ".join(sys.argv), torch_threads=torch.get_num_threads(),
+                          process=process_identity())
     write_record(run_dir, record)
+    heartbeat = Heartbeat(run_dir).start()
     tracker = _start_tracking(config, run_id, run_dir)
     context = make_context(config, method, model, progress)
     diagnostics = None
@@ -322,12 +334,16 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
             _record_cache(record, context)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
             diagnostics = _diagnose(config, method, record, run_dir, sam, data, images, recon, context)
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, SIGTERM (`carsam.cli`), or a library's exit
+        record.status, record.error = INTERRUPTED, f"interrupted ({type(err).__name__}{f': {err}' if str(err) else ''})"
+        raise
     except BaseException as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
         raise
     else:
         record.status = "completed"
     finally:
+        heartbeat.stop()
         _record_cache(record, context)
         record.timings["total"] = round(time.perf_counter() - start, 3)
         _finish_tracking(tracker, record, diagnostics)

@@ -1,6 +1,12 @@
 """The run record: one folder per run holding `config.yaml` and `record.json`, written atomically.
 
 `analysis/` and `carsam report` read only these files, so every number can be traced offline.
+
+Liveness: while a run is `running`, its process (pid and host in `details.process`) rewrites
+`runs/<run_id>/heartbeat` every `HEARTBEAT_SECONDS` (`Heartbeat`). A record still `running` whose heartbeat
+is older than `STALE_SECONDS`, or whose process is gone from this host, was killed without a word (SIGKILL,
+a crash, a lost machine): `effective_status` calls it `interrupted`, with when it was last alive. A run
+stopped by SIGINT or SIGTERM writes `interrupted` itself.
 """
 
 from __future__ import annotations
@@ -9,9 +15,12 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import secrets
+import socket
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 RECORD_FILE = "record.json"
 CONFIG_FILE = "config.yaml"
+HEARTBEAT_FILE = "heartbeat"
+HEARTBEAT_SECONDS = 30.0
+STALE_SECONDS = 180.0  # six missed heartbeats
+RUNNING, INTERRUPTED = "running", "interrupted"
 RECORD_KEYS = ("run_id", "name", "method", "model", "w_bits", "a_bits", "prompts", "seed", "versions",
                "git_commit", "timings", "metrics", "status")
 
@@ -69,14 +82,24 @@ def read_record(run_dir: str | Path) -> dict[str, Any]:
 
 def list_records(runs_dir: str | Path) -> list[dict[str, Any]]:
     """All readable records under `runs_dir`, oldest first; folders without a readable record are
-    skipped (with a warning for an unreadable one)."""
+    skipped (with a warning for an unreadable one, or one that is not a JSON object). A `running` record
+    whose run is dead (`effective_status`) is returned as `interrupted`, its `status_note` saying since
+    when; the file is left as it is."""
     root = Path(runs_dir)
     records = []
     for path in sorted(root.glob(f"*/{RECORD_FILE}")) if root.is_dir() else []:
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as err:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             logger.warning("skipping unreadable run record %s (%s)", path, err)
+            continue
+        if not isinstance(record, dict):
+            logger.warning("skipping run record %s: it holds a JSON %s, not an object", path, type(record).__name__)
+            continue
+        status, note = effective_status(record, path.parent)
+        if status != record.get("status"):
+            record = {**record, "status": status, "status_note": note}
+        records.append(record)
     return records
 
 
@@ -105,3 +128,83 @@ def git_commit(repo: str | Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
+
+
+def process_identity() -> dict[str, Any]:
+    """`{"pid", "host"}` of this process (a running record's `details.process`)."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+class Heartbeat:
+    """Rewrites `run_dir/heartbeat` (the UTC time, ISO) every `interval` seconds from a daemon thread, from
+    `start()` until `stop()`; a context manager."""
+
+    def __init__(self, run_dir: str | Path, interval: float = HEARTBEAT_SECONDS) -> None:
+        self.path = Path(run_dir) / HEARTBEAT_FILE
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="carsam-heartbeat", daemon=True)
+
+    def _touch(self) -> None:
+        try:
+            write_text_atomic(self.path, _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        except OSError as err:  # a full disk must not kill the run from this thread; the record will say it
+            logger.warning("heartbeat %s not written (%s)", self.path, err)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._touch()
+
+    def start(self) -> Heartbeat:
+        self._touch()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def last_alive(run_dir: str | Path) -> _dt.datetime | None:
+    """When the run in `run_dir` last showed life: its heartbeat file's (else its record's) modification time."""
+    for name in (HEARTBEAT_FILE, RECORD_FILE):
+        path = Path(run_dir) / name
+        if path.is_file():
+            return _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
+    return None
+
+
+def effective_status(record: dict[str, Any], run_dir: str | Path, now: _dt.datetime | None = None) -> tuple[str, str]:
+    """(status, note): the record's status, except that a `running` record whose process is gone (same host,
+    pid not alive) or whose heartbeat is older than `STALE_SECONDS` is `interrupted`, with a note saying
+    when it was last alive. `now`: the time to judge by (default: now, UTC)."""
+    status = str(record.get("status", ""))
+    if status != RUNNING:
+        return status, ""
+    seen = last_alive(run_dir)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    process = (record.get("details") or {}).get("process") or {}
+    gone = process.get("host") == socket.gethostname() and isinstance(process.get("pid"), int) \
+        and not _process_alive(process["pid"])
+    stale = seen is None or (now - seen).total_seconds() > STALE_SECONDS
+    if gone or stale:
+        when = seen.isoformat(timespec="seconds") if seen else "unknown"
+        return INTERRUPTED, f"no heartbeat since {when}" + (" (its process is gone)" if gone else "")
+    return status, ""

@@ -112,3 +112,128 @@ def test_a_sweep_records_a_non_finite_trial_as_failed_not_as_a_score(tmp_path, s
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     assert "non-finite values after loading the checkpoint" in study.trials[0].user_attrs["error"]
     assert "eval/mAP" not in study.trials[0].user_attrs
+
+
+# ---------- run liveness ----------
+
+def _running_record(runs: Path, run_id: str, **details) -> Path:
+    """A run folder whose record says `running` (written as the pipeline writes it at start)."""
+    from carsam.record import RunRecord, write_record
+
+    rec = RunRecord(run_id=run_id, name=run_id, method="rtn", model={}, w_bits=4, a_bits=4, prompts="detector",
+                    seed=0, config={}, versions={}, git_commit="", started_at="", details=details)
+    folder = runs / run_id
+    write_record(folder, rec)
+    return folder
+
+
+def test_a_running_record_without_heartbeat_for_a_while_reads_as_interrupted(tmp_path):
+    import datetime as dt
+    import os
+    import time
+
+    from carsam.record import HEARTBEAT_FILE, STALE_SECONDS, Heartbeat, effective_status, read_record
+
+    folder = _running_record(tmp_path, "r1")
+    with Heartbeat(folder, interval=0.05):
+        first = (folder / HEARTBEAT_FILE).stat().st_mtime_ns
+        time.sleep(0.3)
+        assert (folder / HEARTBEAT_FILE).stat().st_mtime_ns > first  # it keeps beating
+    assert effective_status(read_record(folder), folder) == ("running", "")
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(folder / HEARTBEAT_FILE, (old, old))
+    status, note = effective_status(read_record(folder), folder)
+    stamp = dt.datetime.fromtimestamp(old, dt.timezone.utc).isoformat(timespec="seconds")
+    assert status == "interrupted" and note == f"no heartbeat since {stamp}"
+
+
+def test_a_running_record_whose_process_is_gone_reads_as_interrupted_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from carsam.record import effective_status, read_record
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = _running_record(tmp_path, "r1", process={"pid": int(child.stdout), "host": socket.gethostname()})
+    status, note = effective_status(read_record(folder), folder)
+    assert status == "interrupted" and note.endswith("(its process is gone)")
+    elsewhere = _running_record(tmp_path, "r2", process={"pid": int(child.stdout), "host": "another-host"})
+    assert effective_status(read_record(elsewhere), elsewhere)[0] == "running"  # fresh heartbeat, other host
+
+
+def _start_run(tmp_path: Path, small_coco, checkpoint: Path) -> tuple:
+    """A `carsam run` subprocess (QDrop, long enough to be stopped midway) and its runs folder."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "carsam.cli", "run", experiment("qdrop_w4a4.yaml"), f"runs_dir={runs}",
+           f"model.checkpoint={checkpoint}", "data.calib_size=2", "recon.iters=5000", "tracking.mode=disabled",
+           *real_data_overrides(small_coco), "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), runs
+
+
+def _wait_for_running(runs: Path, proc, timeout: float = 120.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = list_records(runs)
+        if records and records[0]["status"] == "running" and (runs / records[0]["run_id"] / "heartbeat").is_file():
+            time.sleep(1.0)  # into the method
+            return records[0]
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    raise AssertionError("the run never started")
+
+
+@pytest.mark.slow
+def test_sigterm_writes_interrupted_and_sigkill_reads_as_interrupted(tmp_path, small_coco, random_testbed_checkpoint):
+    import signal
+
+    proc, runs = _start_run(tmp_path / "term", small_coco, random_testbed_checkpoint)
+    _wait_for_running(runs, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143 and "carsam: interrupted (SIGTERM)" in proc.stderr.read()
+    record = list_records(runs)[0]
+    assert record["status"] == "interrupted" and record["error"] == "interrupted (KeyboardInterrupt: SIGTERM)"
+
+    proc, runs = _start_run(tmp_path / "kill", small_coco, random_testbed_checkpoint)
+    _wait_for_running(runs, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    record = list_records(runs)[0]
+    assert record["status"] == "interrupted" and "its process is gone" in record["status_note"]
+
+
+def test_report_status_lists_and_clean_stale_removes_only_interrupted_runs(capsys, tmp_path, base_args,
+                                                                           earlier_run):
+    import socket
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _running_record(runs, "dead", process={"pid": int(child.stdout), "host": socket.gethostname()})
+    assert main(["report", "--runs", str(runs), "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "dead  interrupted  no heartbeat since" in out and "completed" in out
+    assert main(["clean", "--runs", str(runs), "--stale", "--dry-run"]) == 0
+    assert "would remove" in capsys.readouterr().out and (runs / "dead").is_dir()
+    assert main(["clean", "--runs", str(runs), "--stale"]) == 0
+    assert not (runs / "dead").exists()
+    assert {r["run_id"]: r for r in list_records(runs)} == earlier_run  # the completed run is untouched
+    with pytest.raises(SystemExit):
+        main(["clean", "--runs", str(runs)])  # nothing is removed without --stale
+
+
+def test_a_record_that_is_not_an_object_is_skipped_by_the_report(capsys, tmp_path, base_args, earlier_run):
+    runs = tmp_path / "runs"
+    (runs / "broken").mkdir()
+    (runs / "broken" / "record.json").write_text("[1, 2, 3]")
+    (runs / "latin1").mkdir()
+    (runs / "latin1" / "record.json").write_bytes(b'{"name": "caf\xe9"}')
+    assert main(["report", "--runs", str(runs)]) == 0
+    assert "1 run records" in capsys.readouterr().out  # the two bad files are skipped, the good run reported
+    assert [r["run_id"] for r in list_records(runs)] == list(earlier_run)

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 DATA_VERSION = 2
 DATA_ID = "carsam-data"
 DASHBOARD_FILE = "dashboard.html"
-RUN_KEYS = ("run_id", "name", "method", "w_bits", "a_bits", "seed", "prompts", "status")
+RUN_KEYS = ("run_id", "name", "method", "w_bits", "a_bits", "seed", "prompts", "status", "status_note")
 _PLACEHOLDER_RE = re.compile(r"__CARSAM_(DATA|SUMMARY)__")  # the template's slots
 _DATA_RE = re.compile(rf'<script type="application/json" id="{DATA_ID}">(.*?)</script>', re.DOTALL)
 

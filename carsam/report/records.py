@@ -239,6 +239,6 @@ def incomplete_runs(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The records whose status is not `completed` (failed, or still running / interrupted): run_id, name,
     method, status, error."""
     rows = [{"run_id": r.get("run_id", ""), "name": r.get("name", ""), "method": r.get("method", ""),
-             "status": r.get("status", ""), "error": r.get("error", "")}
+             "status": r.get("status", ""), "error": r.get("error", "") or r.get("status_note", "")}
             for r in records if r.get("status") != COMPLETED]
     return pd.DataFrame(rows, columns=["run_id", "name", "method", "status", "error"])
