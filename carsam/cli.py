@@ -20,6 +20,16 @@ from carsam.models.finite import NonFiniteError
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, NonFiniteError, OSError)
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {text}")
+    return value
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -119,6 +129,12 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     if not args.serve:
         print(f"dashboard: {build_dashboard(args.runs, args.out)}")
         return 0
+    if args.host not in LOOPBACK_HOSTS:
+        if not args.allow_remote:
+            raise ConfigError(f"--host {args.host} would serve every run to the network without authentication; "
+                              "pass --allow-remote to do so, or keep the default 127.0.0.1")
+        print(f"carsam: warning: serving {args.runs} to the network on {args.host}, without authentication",
+              file=sys.stderr)
     server = make_server(args.runs, args.host, args.port)
     # after bind, server_address is getsockname()'s: an AF_INET(6) host is a str (typeshed also allows bytes)
     host, port = cast("tuple[str, int]", server.server_address[:2])
@@ -258,8 +274,11 @@ def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, help="output HTML file (default RUNS/dashboard.html)")
     where.add_argument("--serve", action="store_true", help="serve the page over HTTP instead of writing it")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind with --serve (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="port with --serve (default 8765; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind with --serve (default 127.0.0.1; another "
+                   "address needs --allow-remote)")
+    p.add_argument("--port", type=_port, default=8765, help="port with --serve (default 8765; 0 picks a free one)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback: every run is "
+                   "then served to the network, without authentication")
     p.set_defaults(func=_cmd_dashboard)
 
 
@@ -319,8 +338,21 @@ def _sigterm_as_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides accepted anywhere after the subcommand (argparse alone
+    takes them only before the first option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

@@ -237,3 +237,54 @@ def test_a_record_that_is_not_an_object_is_skipped_by_the_report(capsys, tmp_pat
     assert main(["report", "--runs", str(runs)]) == 0
     assert "1 run records" in capsys.readouterr().out  # the two bad files are skipped, the good run reported
     assert [r["run_id"] for r in list_records(runs)] == list(earlier_run)
+
+
+# ---------- sweeps and the command line ----------
+
+def _categorical_space(folder: Path, values: list[int]) -> Path:
+    path = folder / "cat_space.py"
+    path.write_text(f'EXPERIMENT = "{experiment("rtn_w8a8.yaml")}"\n\n'
+                    "def suggest(trial):\n"
+                    f"    return [f\"quant.w_bits={{trial.suggest_categorical('quant.w_bits', {values})}}\"]\n")
+    return path
+
+
+def test_a_resumed_study_samples_new_points_and_never_repeats_a_completed_set(tmp_path, base_args):
+    from carsam.sweep.runner import run_sweep
+
+    space, runs = _categorical_space(tmp_path, [3, 4, 5, 6, 7, 8]), str(tmp_path / "runs")
+    overrides = [a for a in base_args[1:] if not a.startswith("runs_dir=")]
+    run_sweep(space, trials=2, runs_dir=runs, overrides=overrides)
+    study = run_sweep(space, trials=4, runs_dir=runs, overrides=overrides)  # the same seed, resumed
+    done = [t.params["quant.w_bits"] for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and len(set(done)) == 4, done
+    assert len(list_records(runs)) == 4  # a pruned repeat writes no record
+
+
+def test_an_exhausted_space_stops_instead_of_proposing_forever(tmp_path, base_args, caplog):
+    from carsam.sweep.runner import run_sweep
+
+    overrides = [a for a in base_args[1:] if not a.startswith("runs_dir=")]
+    with caplog.at_level("WARNING", logger="carsam.sweep.runner"):
+        study = run_sweep(_categorical_space(tmp_path, [6, 8]), trials=3, runs_dir=str(tmp_path / "runs"),
+                          overrides=overrides)
+    assert sorted(t.params["quant.w_bits"] for t in study.trials if t.state.name == "COMPLETE") == [6, 8]
+    assert "looks exhausted" in caplog.text
+
+
+def test_overrides_are_accepted_after_the_options(capsys, tmp_path, base_args):
+    code = main(["run", base_args[0], "--no-progress", *base_args[1:], "quant.w_bits=6"])
+    assert code == 0
+    assert list_records(tmp_path / "runs")[0]["w_bits"] == 6
+    with pytest.raises(SystemExit) as exc:
+        main(["run", base_args[0], "--no-progress", "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_the_dashboard_refuses_a_network_host_without_allow_remote_and_a_port_out_of_range(capsys, tmp_path):
+    assert main(["dashboard", "--runs", str(tmp_path), "--serve", "--host", "0.0.0.0"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("carsam: error: --host 0.0.0.0 would serve every run to the network") and "--allow-remote" in line
+    with pytest.raises(SystemExit) as exc:
+        main(["dashboard", "--runs", str(tmp_path), "--serve", "--port", "70000"])
+    assert exc.value.code == 2 and "must be a TCP port in 0..65535, got 70000" in capsys.readouterr().err

@@ -11,6 +11,9 @@ of dead workers (heartbeat, `carsam.sweep.storage`; they are queued again), stop
 COMPLETE trials, and waits while the trials still running elsewhere would complete it (they may fail or
 die). A worker makes at most `trials - completed` attempts, so a space whose every run fails ends. A trial
 whose run raises is recorded as FAIL with its error (user attribute `error`) and the sweep goes on.
+A resumed study's sampler is seeded past the trials it holds (seed + trial count), so it proposes new points
+rather than replaying its first ones, and a proposal that repeats a completed trial's parameters is pruned
+without running (after `MAX_PRUNED_IN_A_ROW` such proposals in a row a worker stops: the space is exhausted).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = ["SweepSpec", "best_trials", "enqueue_missing", "fail_stale", "make_ob
            "reference_name", "run_references", "run_sweep", "trials_table"]
 logger = logging.getLogger(__name__)
 MAX_POLL = 5.0  # seconds between checks while waiting for other workers' trials
+MAX_PRUNED_IN_A_ROW = 25  # proposals that repeat completed trials before a worker calls the space exhausted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +86,22 @@ def _skip_reason(trial: optuna.Trial, planned: int | None) -> str | None:
 def _run_trial(trial: optuna.Trial, space: SearchSpace, study_name: str, runs_dir: str,
                extra_overrides: list[str]) -> pipeline.RunRecord:
     overrides = [f"tracking.group={study_name}", *space.overrides(trial), *extra_overrides]
+    twin = _completed_twin(trial)
+    if twin is not None:
+        trial.set_user_attr("skipped", f"duplicate of completed trial {twin}")
+        raise optuna.TrialPruned(f"the sampler proposed the parameters of completed trial {twin}")
     trial.set_user_attr("overrides", overrides)
     config = resolve(space.experiment, overrides)
     config = dataclasses.replace(config, name=f"{study_name}-t{trial.number}", runs_dir=runs_dir)
     return pipeline.run(config, extra={"study": study_name, "trial": trial.number})
+
+
+def _completed_twin(trial: optuna.Trial) -> int | None:
+    """The number of a COMPLETE trial with exactly this trial's parameters, else None."""
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.number != trial.number and other.params == trial.params:
+            return other.number
+    return None
 
 
 def make_objective(space: SearchSpace, study_name: str, runs_dir: str, extra_overrides: list[str],
@@ -122,6 +138,8 @@ def _open_study(space: SearchSpace, spec: SweepSpec) -> optuna.Study:
                           f"asks for {space.directions}; use another --study name")
     study.set_user_attr("experiment", str(space.experiment))
     study.set_user_attr("objectives", [list(o) for o in space.objectives])
+    # a resumed study must not replay the sampler's sequence from the start: seed it past the trials it has
+    study.sampler = space.sampler(spec.seed + len(study.get_trials(deepcopy=False)))
     return study
 
 
@@ -179,7 +197,7 @@ def _work(study: optuna.Study, objective: Any, planned: int, grid: bool, spec: S
 
     budget = max(0, planned - _counts(study)[TrialState.COMPLETE])
     poll = min(float(heartbeat_interval(spec.heartbeat)), MAX_POLL)
-    attempts = 0
+    attempts = pruned_in_a_row = 0
     with tqdm(total=planned, desc=spec.study, unit="trial", disable=not spec.progress) as bar:
         while attempts < budget:
             fail_stale(study)
@@ -195,7 +213,13 @@ def _work(study: optuna.Study, objective: Any, planned: int, grid: bool, spec: S
                 continue
             states: list[TrialState] = []
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _, t: states.append(t.state)])
-            attempts += states != [TrialState.PRUNED]  # a pruned duplicate or surplus trial ran nothing
+            pruned = states == [TrialState.PRUNED]  # a pruned duplicate or surplus trial ran nothing
+            attempts += not pruned
+            pruned_in_a_row = pruned_in_a_row + 1 if pruned else 0
+            if pruned_in_a_row >= MAX_PRUNED_IN_A_ROW:
+                logger.warning("study '%s': %d proposals in a row repeated completed trials; the space looks "
+                               "exhausted, stopping this worker", spec.study, pruned_in_a_row)
+                break
         bar.n = _counts(study)[TrialState.COMPLETE]
         bar.refresh()
     return attempts

@@ -33,11 +33,12 @@ def write_space(folder: Path, grid: dict, name: str = "tiny_space", exp: str = "
 
 
 def write_tpe_space(folder: Path, name: str = "tpe_space") -> Path:
-    """A space without GRID: the sampler picks quant.w_bits in {6, 8} every trial."""
+    """A space without GRID: the sampler picks quant.w_bits in {4, ..., 8} every trial (a completed value is
+    never run twice, so a study of it completes at most 5 trials)."""
     path = folder / f"{name}.py"
     path.write_text(f'EXPERIMENT = "{experiment("rtn_w8a8.yaml")}"\n\n'
                     "def suggest(trial):\n"
-                    "    return [f\"quant.w_bits={trial.suggest_categorical('quant.w_bits', [6, 8])}\"]\n")
+                    "    return [f\"quant.w_bits={trial.suggest_categorical('quant.w_bits', [4, 5, 6, 7, 8])}\"]\n")
     return path
 
 

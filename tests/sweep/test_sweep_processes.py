@@ -99,3 +99,5 @@ def test_killed_worker_resumes_keeping_completed_trials_and_retrying_the_running
     assert retries[0].params == trials[killed].params
     assert states(study).count("COMPLETE") == 3
     assert _records_by_trial(runs)[retries[0].number]["status"] == "completed"
+    completed = [t.params["quant.w_bits"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(set(completed)) == len(completed) == 3, completed  # the resumed sampler repeated nothing
