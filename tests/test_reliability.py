@@ -284,7 +284,8 @@ def test_overrides_are_accepted_after_the_options(capsys, tmp_path, base_args):
 def test_the_dashboard_refuses_a_network_host_without_allow_remote_and_a_port_out_of_range(capsys, tmp_path):
     assert main(["dashboard", "--runs", str(tmp_path), "--serve", "--host", "0.0.0.0"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("carsam: error: --host 0.0.0.0 would serve every run to the network") and "--allow-remote" in line
+    assert line.startswith("carsam: error: --host 0.0.0.0 would serve every run to the network")
+    assert "--allow-remote" in line
     with pytest.raises(SystemExit) as exc:
         main(["dashboard", "--runs", str(tmp_path), "--serve", "--port", "70000"])
     assert exc.value.code == 2 and "must be a TCP port in 0..65535, got 70000" in capsys.readouterr().err
