@@ -158,6 +158,8 @@ class ReconConfig:
             raise ConfigError(f"recon.quant_prob must be in (0, 1], got {self.quant_prob}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"recon.warmup must be in [0, 1), got {self.warmup}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"recon.seed must be in [0, 2**32), got {self.seed}")
 
 
 MAC_VARIANTS = tuple(MAC_STEPS)
@@ -320,6 +322,8 @@ class RunConfig:
     cache: CacheConfig = CacheConfig()
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not DEVICE_PATTERN.match(self.device):
             raise ConfigError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
         if self.method not in method_names():
@@ -430,7 +434,9 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"experiment file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"experiment file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):

@@ -26,7 +26,7 @@ import torch
 from carsam.cache.embeddings import EmbeddingStore
 from carsam.cache.prepared import PreparedStore
 from carsam.config import ConfigError, DataConfig, ModelConfig, RunConfig, dump_yaml, to_dict
-from carsam.data.coco import CocoBoxPrompts
+from carsam.data.coco import CocoBoxPrompts, DatasetError
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.diagnostics.run import diagnose_run, diagnostic_images
 from carsam.eval.evaluate import EvalResult, box_as_mask_floor, evaluate
@@ -82,6 +82,9 @@ def _val_set(paths: _Paths, data: DataConfig) -> CocoBoxPrompts:
     val = CocoBoxPrompts(*paths, prompt_source=data.prompt_source)
     if 0 < data.max_val_images < len(val):
         val = val.subset(data.max_val_images, seed=0)
+    if not val.num_gt_instances:
+        raise DatasetError(f"the evaluation set {val.annotations_file} has no ground-truth instance on its "
+                           f"{len(val)} image(s): its mAP would be 0 whatever the model; use an annotated set")
     return val
 
 
@@ -97,7 +100,10 @@ def load_datasets(data: DataConfig, seed: int) -> DataSets:
     val = _val_set(val_paths, data)
     calib_source = "detector" if calib_paths[2] else "gt_boxes"
     calib_pool = CocoBoxPrompts(*calib_paths, prompt_source=calib_source, check_files=False)
-    calib = calib_pool.subset(data.calib_size, seed, require_prompts=True)
+    try:
+        calib = calib_pool.subset(data.calib_size, seed, require_prompts=True)
+    except DatasetError as err:
+        raise DatasetError(f"data.calib_size = {data.calib_size}: {err}") from err
     return DataSets(val, calib)
 
 

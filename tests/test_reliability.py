@@ -289,3 +289,156 @@ def test_the_dashboard_refuses_a_network_host_without_allow_remote_and_a_port_ou
     with pytest.raises(SystemExit) as exc:
         main(["dashboard", "--runs", str(tmp_path), "--serve", "--port", "70000"])
     assert exc.value.code == 2 and "must be a TCP port in 0..65535, got 70000" in capsys.readouterr().err
+
+
+# ---------- configuration ----------
+
+def test_a_non_utf8_experiment_file_is_one_line(capsys, tmp_path, base_args):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"method: rtn\n# caf\xe9\n")
+    code, line, _ = _run(capsys, str(bad), *base_args[1:])
+    assert code == 2 and line == f"carsam: error: experiment file {bad} is not UTF-8 text (byte 17); save it as UTF-8"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("override", "key"), [("seed=-1", "seed"), ("recon.seed=-3", "recon.seed"),
+                                               ("seed=4294967296", "seed")])
+def test_a_seed_out_of_range_fails_before_the_run_folder(capsys, tmp_path, base_args, override, key):
+    code, line, _ = _run(capsys, *base_args, override)
+    assert code == 2 and line.startswith(f"carsam: error: {key} must be in [0, 2**32)")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------- data, checked before any heavy work ----------
+
+def _edited_annotations(small_coco, tmp_path: Path, edit) -> Path:
+    """A copy of the val annotations after `edit(data)`."""
+    import json
+
+    data = json.loads(Path(small_coco["annotations"]).read_text())
+    edit(data)
+    path = tmp_path / "edited_instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _first(data: dict, key: str = "annotations") -> dict:
+    return data[key][0]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: _first(d)["bbox"].__setitem__(2, -5.0), "has a box of non-positive width or height"),
+    (lambda d: _first(d)["bbox"].__setitem__(1, float("nan")), "not 4 finite numbers"),
+    (lambda d: _first(d).__setitem__("category_id", 999), "category_id 999, which is not in 'categories'"),
+    (lambda d: _first(d).__setitem__("image_id", 424242), "names image_id 424242"),
+    (lambda d: _first(d).__setitem__("segmentation", {"size": [3, 3], "counts": "fake"}), "an RLE mask of size [3, 3]"),
+    (lambda d: _first(d).__setitem__("segmentation", []), "has no usable segmentation"),
+])
+def test_a_bad_gt_annotation_is_named_before_any_heavy_work(capsys, tmp_path, small_coco, base_args, earlier_run,
+                                                           edit, message):
+    path = _edited_annotations(small_coco, tmp_path, edit)
+    code, line, lines = _run(capsys, *base_args, f"data.annotations={path}")
+    assert code == 2 and f"annotations file {path}: annotation id" in line and message in line
+    assert not any("Traceback" in x for x in lines)
+    failed = _assert_failed_cleanly(tmp_path, earlier_run, message)
+    assert "method" not in failed["timings"]  # refused before the method ran
+
+
+def test_missing_area_and_iscrowd_are_filled_in_as_coco_tools_do(capsys, tmp_path, small_coco, base_args, caplog):
+    def strip(data):
+        for ann in data["annotations"]:
+            ann.pop("area", None)
+            ann.pop("iscrowd", None)
+    path = _edited_annotations(small_coco, tmp_path, strip)
+    with caplog.at_level("WARNING", logger="carsam.data.coco"):
+        code, _, _ = _run(capsys, *base_args, f"data.annotations={path}")
+    assert code == 0 and "lacked 'area' or 'iscrowd'; filled in" in caplog.text
+    reference, _, _ = _run(capsys, *base_args)
+    records = sorted(list_records(tmp_path / "runs"), key=lambda r: r["run_id"])
+    assert records[0]["metrics"]["eval/mAP"] == records[1]["metrics"]["eval/mAP"]  # the filled areas are exact
+
+
+def test_a_val_set_without_ground_truth_is_refused(capsys, tmp_path, small_coco, base_args, earlier_run):
+    path = _edited_annotations(small_coco, tmp_path, lambda d: d.__setitem__("annotations", []))
+    code, line, _ = _run(capsys, *base_args, f"data.annotations={path}", "data.prompt_source=detector",
+                         f"data.prompts={_no_prompts(tmp_path)}")
+    assert code == 2 and "has no ground-truth instance" in line
+    _assert_failed_cleanly(tmp_path, earlier_run, "has no ground-truth instance")
+
+
+def _no_prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "no_prompts.json"
+    path.write_text("[]")
+    return path
+
+
+@pytest.mark.parametrize("score", [1.5, -0.1])
+def test_detector_scores_outside_0_1_are_refused(capsys, tmp_path, small_coco, base_args, score):
+    import json
+
+    prompts = json.loads(Path(small_coco["prompts"]).read_text())
+    prompts[2]["score"] = score
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    code, line, _ = _run(capsys, *base_args, f"data.prompts={path}")
+    assert code == 2 and f"entry 2 has score {score} outside [0, 1]" in line
+
+
+def test_a_calibration_size_beyond_the_set_names_the_setting_and_the_file(capsys, tmp_path, small_coco, base_args):
+    code, line, _ = _run(capsys, *base_args, "data.calib_size=32")
+    assert code == 2 and line.startswith("carsam: error: data.calib_size = 32: subset size must be in [1, 4]")
+    assert str(small_coco["calib_annotations"]) in line
+
+
+def test_an_empty_calibration_set_is_named_by_its_file(capsys, tmp_path, small_coco, base_args):
+    import json
+
+    data = json.loads(Path(small_coco["calib_annotations"]).read_text())
+    data["annotations"] = []
+    path = tmp_path / "empty_calib.json"
+    path.write_text(json.dumps(data))
+    code, line, _ = _run(capsys, *base_args, f"data.calib_annotations={path}")
+    assert code == 2
+    assert line == f"carsam: error: data.calib_size = 2: {path} has no images with prompts: the set is empty"
+
+
+def _copy_images(small_coco, tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(small_coco["images"], folder)
+    return folder
+
+
+def test_an_image_whose_size_differs_from_its_entry_is_found_before_the_method(capsys, tmp_path, small_coco,
+                                                                              base_args, earlier_run):
+    import json
+
+    from PIL import Image
+
+    folder = _copy_images(small_coco, tmp_path)
+    entry = json.loads(Path(small_coco["annotations"]).read_text())["images"][-1]
+    Image.new("RGB", (entry["width"] + 3, entry["height"])).save(folder / entry["file_name"])
+    code, line, _ = _run(capsys, *base_args, f"data.images={folder}")
+    assert code == 2 and f"{entry['file_name']} is {entry['width'] + 3}x{entry['height']} (WxH)" in line
+    assert "method" not in _assert_failed_cleanly(tmp_path, earlier_run, "(WxH)")["timings"]
+
+
+def test_sixteen_bit_and_jpeg_under_png_images_are_read_by_content(capsys, tmp_path, small_coco, base_args):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from carsam.data.coco import to_rgb8
+
+    wide = Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16))
+    assert wide.mode.startswith("I;16") and to_rgb8(wide)[0, :, 0].tolist() == [0, 1, 255]
+    folder = _copy_images(small_coco, tmp_path)
+    images = json.loads(Path(small_coco["annotations"]).read_text())["images"]
+    gray = np.asarray(Image.open(folder / images[0]["file_name"]).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(gray).save(folder / images[0]["file_name"])  # a 16-bit grayscale PNG
+    Image.open(folder / images[1]["file_name"]).convert("RGB").save(folder / images[1]["file_name"], format="JPEG")
+    code, _, _ = _run(capsys, *base_args, f"data.images={folder}")
+    assert code == 0
+    assert list_records(tmp_path / "runs")[0]["metrics"]["eval/mIoU"] > 0

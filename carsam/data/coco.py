@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 PROMPT_SOURCES = ("detector", "gt_boxes")
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 _PROMPT_FIELDS = ("image_id", "category_id", "bbox", "score")
+SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "I;16", "I;16L", "I;16B")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")
 
 
 class DatasetError(ValueError):
@@ -87,6 +89,7 @@ def _load_coco(annotations_file: Path) -> COCO:
         raise DatasetError(f"annotations file {annotations_file} lacks key(s) {missing}; "
                            "it must be a COCO instances file with 'images', 'annotations', 'categories'")
     _check_entries(data, annotations_file)
+    _check_annotations(data, annotations_file)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -114,6 +117,55 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _annotation_problem(ann: dict, image: dict | None, categories: set) -> str | None:
+    """Why one GT annotation is unusable, or None."""
+    if image is None:
+        return f"names image_id {ann['image_id']!r}, which is not in 'images'"
+    if ann["category_id"] not in categories:
+        return f"has category_id {ann['category_id']!r}, which is not in 'categories' (it would be dropped from mAP)"
+    bbox = ann["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) and math.isfinite(v) for v in bbox):
+        return f"has bbox {bbox!r}, not 4 finite numbers [x, y, w, h]"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"has a box of non-positive width or height {bbox} (it would be an inverted prompt)"
+    segmentation = ann["segmentation"]
+    if isinstance(segmentation, dict):
+        size = segmentation.get("size")
+        if list(size or []) != [image["height"], image["width"]]:
+            return (f"has an RLE mask of size {size} (HxW) but its image is {image['height']}x{image['width']}; "
+                    "re-export the mask at the image's size")
+    elif not isinstance(segmentation, list) or not segmentation:
+        return "has no usable segmentation (an RLE object or a non-empty list of polygons)"
+    return None
+
+
+def _check_annotations(data: dict, annotations_file: Path) -> None:
+    """Every GT annotation names a known image and category, has a positive finite box and a mask of its
+    image's size; `area` and `iscrowd`, which COCOeval needs, are filled in (mask area, 0) with a warning
+    where missing, as COCO's own tools do."""
+    images = {img["id"]: img for img in data["images"]}
+    categories = {cat["id"] for cat in data["categories"]}
+    filled = 0
+    for ann in data["annotations"]:
+        problem = _annotation_problem(ann, images.get(ann["image_id"]), categories)
+        if problem:
+            raise DatasetError(f"annotations file {annotations_file}: annotation id {ann['id']!r} {problem}")
+        if "iscrowd" not in ann or "area" not in ann:
+            image = images[ann["image_id"]]
+            ann.setdefault("iscrowd", 0)
+            if "area" not in ann:
+                segmentation = ann["segmentation"]
+                rles = segmentation if isinstance(segmentation, dict) else mask_utils.merge(
+                    mask_utils.frPyObjects(segmentation, image["height"], image["width"]))
+                if isinstance(rles, dict) and isinstance(rles.get("counts"), list):  # uncompressed RLE
+                    rles = mask_utils.frPyObjects(rles, image["height"], image["width"])
+                ann["area"] = float(mask_utils.area(rles))
+            filled += 1
+    if filled:
+        logger.warning("annotations file %s: %d annotation(s) lacked 'area' or 'iscrowd'; filled in (mask area, "
+                       "iscrowd 0)", annotations_file, filled)
+
+
 def _prompt_problem(entry: object) -> str | None:
     """Why one detection-results entry is unusable, or None if it is fine."""
     if not isinstance(entry, dict):
@@ -128,6 +180,8 @@ def _prompt_problem(entry: object) -> str | None:
         return f"has a non-finite or non-numeric bbox/score ({bbox}, {entry['score']!r})"
     if bbox[2] <= 0 or bbox[3] <= 0:
         return f"has non-positive width/height in bbox {bbox}"
+    if not 0.0 <= entry["score"] <= 1.0:
+        return f"has score {entry['score']!r} outside [0, 1] (detector scores are confidences; rescale them)"
     if not isinstance(entry["image_id"], int) or not isinstance(entry["category_id"], int):
         return "has a non-integer image_id or category_id"
     return None
@@ -196,11 +250,37 @@ def _select_image_ids(coco: COCO, image_ids: Sequence[int] | None, annotations_f
 
 
 def _check_image_files(images_dir: Path, coco: COCO, image_ids: list[int]) -> None:
+    """Every image file exists, is an image (by its content, whatever its extension) of a supported mode,
+    and has the size its 'images' entry says: read from the file headers, before any heavy work."""
     missing = [images_dir / coco.imgs[i]["file_name"] for i in image_ids
                if not (images_dir / coco.imgs[i]["file_name"]).is_file()]
     if missing:
         raise DatasetError(f"{len(missing)} of {len(image_ids)} image file(s) missing, first: {missing[0]} "
                            "(set data.images to the folder holding the annotated images)")
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        path = images_dir / info["file_name"]
+        try:
+            with Image.open(path) as img:
+                size, mode = img.size, img.mode
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated headers
+            raise DatasetError(f"image {path} cannot be read ({err}); replace the file") from err
+        if size != (info["width"], info["height"]):
+            raise DatasetError(f"image {path} is {size[0]}x{size[1]} (WxH) but the annotations say "
+                               f"{info['width']}x{info['height']}; fix the image file or its 'images' entry")
+        if mode not in SUPPORTED_MODES:
+            raise DatasetError(f"image {path} has PIL mode '{mode}', which carsam does not read (supported: "
+                               f"{', '.join(SUPPORTED_MODES)}); convert it to 8-bit RGB")
+
+
+def to_rgb8(img: Image.Image) -> np.ndarray:
+    """An opened image as (H, W, 3) uint8 RGB. 16-bit grayscale is scaled to 8 bits (value // 257, so 65535
+    -> 255), not clipped (PIL's `convert` would make it nearly all white); other modes go through
+    `convert("RGB")`."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        gray = (np.asarray(img, dtype=np.uint16) // 257).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 class CocoBoxPrompts:
@@ -261,12 +341,20 @@ class CocoBoxPrompts:
         pool = [i for i in self._image_ids if not require_prompts or self._span(i)[1] > self._span(i)[0]]
         if not 1 <= n <= len(pool):
             what = "images with prompts" if require_prompts else "images"
-            raise DatasetError(f"subset size must be in [1, {len(pool)}] (the set's {what}), got {n}")
+            if not pool:
+                raise DatasetError(f"{self.annotations_file} has no {what}: the set is empty")
+            raise DatasetError(f"subset size must be in [1, {len(pool)}] ({len(pool)} {what} in "
+                               f"{self.annotations_file}), got {n}")
         chosen = np.random.default_rng(seed).choice(np.array(pool), size=n, replace=False)
         other = copy.copy(self)  # shares the read-only COCO index and prompts
         other._image_ids = sorted(int(i) for i in chosen)
         _check_image_files(other.images_dir, other.coco, other._image_ids)
         return other
+
+    @property
+    def num_gt_instances(self) -> int:
+        """Non-crowd GT annotations over this set's images."""
+        return sum(1 for i in self._image_ids for a in self.coco.imgToAnns.get(i, []) if not a.get("iscrowd", 0))
 
     def image_size(self, image_id: int) -> tuple[int, int]:
         """(H, W) of an image, as the annotations give it."""
@@ -278,7 +366,7 @@ class CocoBoxPrompts:
         path = self.images_dir / self.coco.imgs[image_id]["file_name"]
         try:
             with Image.open(path) as img:
-                pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                pixels = to_rgb8(img)
         except OSError as err:  # includes PIL's UnidentifiedImageError and truncated files
             raise DatasetError(f"image {path} cannot be read ({err}); replace the file") from err
         height, width = self.image_size(image_id)
