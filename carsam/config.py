@@ -444,11 +444,25 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     return data
 
 
+NAMELESS_PREFIXES = ("data.images=", "data.annotations=", "data.prompts=", "data.calib_images=",
+                     "data.calib_annotations=", "data.calib_prompts=", "data.synthetic_root=", "model.checkpoint=",
+                     "tracking.", "diagnostics.", "cache.", "runs_dir=", "device=", "name=")
+
+
+def run_name(experiment: str | Path, overrides: typing.Sequence[str]) -> str:
+    """The experiment file's stem, then `+key=value` for each override other than paths (files, folders and the
+    checkpoint, which the record names with their hashes) and bookkeeping (tracking, diagnostics, caching,
+    the device): two runs of one file with different settings never share a name."""
+    changes = [o for o in overrides if not o.startswith(NAMELESS_PREFIXES)]
+    return "+".join([Path(experiment).stem, *changes])
+
+
 def resolve(experiment: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Defaults <- experiment YAML <- overrides, validated into a frozen RunConfig."""
+    """Defaults <- experiment YAML <- overrides, validated into a frozen RunConfig. A run whose file and
+    overrides give it no name is named by `run_name`."""
     data = load_experiment(experiment) if experiment else {}
     if experiment and not data.get("name"):
-        data["name"] = Path(experiment).stem
+        data["name"] = run_name(experiment, overrides)
     for text in overrides:
         _merge(data, *parse_override(text))
     return from_dict(RunConfig, data)

@@ -20,6 +20,8 @@ def replace_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     try:
         write(tmp)
         tmp.replace(path)
+    except OSError as err:  # e.g. a full disk: say which file, as `[Errno 28]` alone does not
+        raise OSError(err.errno, f"{err.strerror or err}: cannot write {path}") from err
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -201,6 +202,7 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
         if sam is not None:
             check_finite_(sam, f"loading the checkpoint {model_description(config.model)['checkpoint']}")
         data = load_datasets(config.data, config.seed)
+        record.details["data"] = data_description(data)
     recon = None
     if sam is not None:
         with _timed(record.timings, "method"):
@@ -211,6 +213,11 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
         assert_ready_to_evaluate(sam, method.quantized)
     record.details["calib_images"] = len(data.calib)
     return sam, data, recon
+
+
+def data_description(data: DataSets) -> dict[str, Any]:
+    """`details.data`: each set's files with their content hashes, and the calibration image ids."""
+    return {"val": data.val.fingerprint(), "calib": data.calib.fingerprint(list_ids=True)}
 
 
 SEGM_RESULTS_FILE = "segm_results.json"
@@ -318,12 +325,16 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     run_id = new_run_id(config.name or config.method)
     run_dir = Path(config.runs_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
     record = _new_record(config, method, model, run_id)
     # the intra-op thread count changes the last bits of reductions, which a reconstruction can amplify
     record.details.update(extra or {}, command=" ".join(sys.argv), torch_threads=torch.get_num_threads(),
                           process=process_identity())
-    write_record(run_dir, record)
+    try:
+        write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(config))
+        write_record(run_dir, record)
+    except OSError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing was run: leave no empty run folder behind
+        raise
     heartbeat = Heartbeat(run_dir).start()
     tracker = _start_tracking(config, run_id, run_dir)
     context = make_context(config, method, model, progress)

@@ -35,7 +35,7 @@ def test_overrides_win_over_experiment_file(tmp_path):
     exp = _write(tmp_path, "method: rtn\nquant: {w_bits: 8, a_bits: 8}\n")
     config = resolve(exp, ["quant.a_bits=6", "data.max_val_images=5"])
     assert (config.quant.w_bits, config.quant.a_bits, config.data.max_val_images) == (8, 6, 5)
-    assert config.name == "exp"
+    assert config.name == "exp+quant.a_bits=6+data.max_val_images=5"  # named after the file and its overrides
 
 
 def test_unknown_key_raises_and_names_it(tmp_path):

@@ -442,3 +442,77 @@ def test_sixteen_bit_and_jpeg_under_png_images_are_read_by_content(capsys, tmp_p
     code, _, _ = _run(capsys, *base_args, f"data.images={folder}")
     assert code == 0
     assert list_records(tmp_path / "runs")[0]["metrics"]["eval/mIoU"] > 0
+
+
+# ---------- faults: a full disk, an unreachable database ----------
+
+def _fail_writes_to(monkeypatch, file_name: str) -> None:
+    """Make every atomic write whose target is named `file_name` fail as a full disk does."""
+    import errno
+
+    original = Path.replace
+
+    def replace(self, target):
+        if Path(target).name == file_name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, target)
+    monkeypatch.setattr(Path, "replace", replace)
+
+
+def test_a_full_disk_at_the_start_names_the_file_and_leaves_no_empty_run_folder(capsys, monkeypatch, tmp_path,
+                                                                               base_args, earlier_run):
+    _fail_writes_to(monkeypatch, "config.yaml")
+    code, line, _ = _run(capsys, *base_args)
+    assert code == 2 and line.startswith("carsam: error: [Errno 28] No space left on device: cannot write ")
+    assert line.endswith("config.yaml")
+    assert {r["run_id"]: r for r in list_records(tmp_path / "runs")} == earlier_run
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")) == list(earlier_run)
+
+
+def test_a_full_disk_mid_run_names_the_file_and_the_record_says_so(capsys, monkeypatch, tmp_path, base_args,
+                                                                   earlier_run):
+    _fail_writes_to(monkeypatch, "segm_results.json")
+    code, line, _ = _run(capsys, *base_args)
+    assert code == 2 and "No space left on device: cannot write" in line and line.endswith("segm_results.json")
+    _assert_failed_cleanly(tmp_path, earlier_run, "segm_results.json")
+
+
+def test_an_unreachable_database_is_one_line(capsys, tmp_path):
+    from tests.sweep.helpers import write_space
+
+    space = write_space(tmp_path, {"quant.w_bits": [8]})
+    url = "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere"
+    code = main(["sweep", str(space), "--trials", "1", "--storage", url, "--runs", str(tmp_path / "runs"),
+                 "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith(f"carsam: error: storage '{url}' cannot be used after 5 attempts")
+    assert "check that the database server is up" in lines[-1]
+
+
+# ---------- what a record says about its data and its name ----------
+
+def test_the_record_hashes_its_data_files_and_lists_the_calibration_images(capsys, tmp_path, small_coco, base_args):
+    from carsam.data.coco import CocoBoxPrompts
+    from carsam.files import file_sha256
+
+    assert _run(capsys, *base_args)[0] == 0
+    data = list_records(tmp_path / "runs")[0]["details"]["data"]
+    assert data["val"]["annotations_sha256"] == file_sha256(small_coco["annotations"])
+    assert data["val"]["prompts_sha256"] == file_sha256(small_coco["prompts"])
+    assert data["calib"]["annotations_sha256"] == file_sha256(small_coco["calib_annotations"])
+    pool = CocoBoxPrompts(small_coco["calib_images"], small_coco["calib_annotations"], None, prompt_source="gt_boxes")
+    assert data["calib"]["image_ids"] == pool.subset(2, seed=0, require_prompts=True).image_ids
+    folder = _copy_images(small_coco, tmp_path)
+    first = sorted(folder.iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # one changed byte in one image file: another images hash
+    assert _run(capsys, *base_args, f"data.images={folder}")[0] == 0
+    hashes = {r["details"]["data"]["val"]["images_sha256"] for r in list_records(tmp_path / "runs")}
+    assert len(hashes) == 2
+
+
+def test_a_run_is_named_after_its_file_and_the_overrides_that_change_it(capsys, tmp_path, base_args):
+    assert _run(capsys, *base_args, "quant.w_bits=6", "quant.quantize_encoder=false")[0] == 0
+    assert _run(capsys, *base_args, "name=mine")[0] == 0
+    names = sorted(r["name"] for r in list_records(tmp_path / "runs"))
+    # the calibration size changes the quantized model and is named; paths and bookkeeping are not
+    assert names == ["mine", "rtn_w8a8+data.calib_size=2+quant.w_bits=6+quant.quantize_encoder=false"]

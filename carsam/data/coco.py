@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -25,6 +26,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+from carsam.files import memoised_file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +303,7 @@ class CocoBoxPrompts:
             raise DatasetError("prompt_source 'detector' needs a prompts file (set data.prompts to a "
                                "detection-results JSON, or use prompt_source 'gt_boxes')")
         self.images_dir, self.annotations_file = Path(images_dir), Path(annotations_file)
+        self.prompts_file = Path(prompts_file) if prompts_file is not None and prompt_source == "detector" else None
         self.prompt_source = prompt_source
         self.coco = _load_coco(self.annotations_file)
         self._image_ids = _select_image_ids(self.coco, image_ids, self.annotations_file)
@@ -355,6 +359,24 @@ class CocoBoxPrompts:
     def num_gt_instances(self) -> int:
         """Non-crowd GT annotations over this set's images."""
         return sum(1 for i in self._image_ids for a in self.coco.imgToAnns.get(i, []) if not a.get("iscrowd", 0))
+
+    def fingerprint(self, list_ids: bool = False) -> dict[str, object]:
+        """What a record says about this set: the annotations and prompts files with their SHA-256, the images
+        folder with one SHA-256 over the set's image files (each file's hash, in image-id order), the prompt
+        source, the image count and, with `list_ids`, the image ids (a calibration subset's)."""
+        digest = hashlib.sha256()
+        for image_id in self._image_ids:
+            file_name = self.coco.imgs[image_id]["file_name"]
+            digest.update(f"{file_name}:{memoised_file_sha256(self.images_dir / file_name)}\n".encode())
+        description: dict[str, object] = {
+            "annotations": str(self.annotations_file), "annotations_sha256": memoised_file_sha256(self.annotations_file),
+            "prompts": str(self.prompts_file) if self.prompts_file else None,
+            "prompts_sha256": memoised_file_sha256(self.prompts_file) if self.prompts_file else None,
+            "prompt_source": self.prompt_source, "images": str(self.images_dir), "images_sha256": digest.hexdigest(),
+            "num_images": len(self)}
+        if list_ids:
+            description["image_ids"] = list(self._image_ids)
+        return description
 
     def image_size(self, image_id: int) -> tuple[int, int]:
         """(H, W) of an image, as the annotations give it."""

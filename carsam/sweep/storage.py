@@ -129,7 +129,9 @@ def _rdb_storage(url: str, heartbeat: int, retry: StaleCallback, attempts: int =
                               "postgresql+psycopg2://USER@HOST:PORT/DB or journal:FILE") from err
         except sqlalchemy.exc.SQLAlchemyError as err:
             if attempt == attempts - 1:
-                raise
+                first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+                raise ConfigError(f"storage '{url}' cannot be used after {attempts} attempts ({type(err).__name__}: "
+                                  f"{first}); check that the database server is up and the URL is right") from err
             logger.info("storage not ready (%s: %s); retrying", type(err).__name__, err)
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,8 +277,15 @@ def test_diagnostics_reuse_the_evaluations_quantized_embeddings_and_match_an_unc
     cached = pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, "rtn_w4a4.yaml"))
     uncached = pipeline.run(_config(tmp_path, small_coco, random_testbed_checkpoint, "rtn_w4a4.yaml",
                                     "cache.enabled=false"))
-    assert cached.details["cache"]["reused"] == len(cached.details["diagnostics"]["images"]) == 2
+    diagnostics = cached.details["diagnostics"]
+    # the statistics pass reuses each diagnostic image's embedding, the maps pass each of its images' again
+    assert cached.details["cache"]["reused"] == len(diagnostics["images"]) + len(diagnostics["maps"]["images"]) == 4
     assert cached.metrics == uncached.metrics  # exact: evaluation and every diag/* metric
+    from carsam.diagnostics.maps import read_attention_maps
+
+    runs = Path(cached.config["runs_dir"])
+    maps = [read_attention_maps(runs / r.run_id) for r in (cached, uncached)]
+    np.testing.assert_array_equal(maps[0].q, maps[1].q)  # the reused embeddings give the same maps
 
 
 def test_kept_quantized_embeddings_are_served_only_while_the_encoder_is_unchanged(tmp_path, val_copy, calib2,
