@@ -437,8 +437,11 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
         raise ConfigError(f"experiment file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from err
+    except yaml.YAMLError as err:  # its text spans lines (a caret under the spot): one line here
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"experiment file {path} is not valid YAML ({where}{problem})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"experiment file {path} must hold a mapping of config keys")
     return data

@@ -516,3 +516,48 @@ def test_a_run_is_named_after_its_file_and_the_overrides_that_change_it(capsys, 
     names = sorted(r["name"] for r in list_records(tmp_path / "runs"))
     # the calibration size changes the quantized model and is named; paths and bookkeeping are not
     assert names == ["mine", "rtn_w8a8+data.calib_size=2+quant.w_bits=6+quant.quantize_encoder=false"]
+
+
+# ---------- configuration values, refused before the run folder exists ----------
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("quant.w_bits=1", "2..16"),
+    ("method=bogus", "method must be one of"),
+    ("device=gpu", "device must be cpu, auto, cuda or cuda:N"),
+    ("data.calib_size=0", "data.calib_size must be >= 1"),
+    ("diagnostics.images=0", "diagnostics.images must be >= 1"),
+    ("recon.quant_prob=1.5", "recon.quant_prob must be in (0, 1]"),
+    ("mac.strength=2", "mac.strength"),
+    ("quant.wbits=4", "unknown config key 'quant.wbits'"),
+    ("quant.w_bits=four", "quant.w_bits"),
+])
+def test_a_bad_setting_is_one_line_and_writes_nothing(capsys, tmp_path, base_args, override, message):
+    code, line, lines = _run(capsys, *base_args, override)
+    assert code == 2 and line.startswith("carsam: error: ") and message in line and len(lines) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_yaml_python_object_tag_is_refused(capsys, tmp_path, base_args):
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("method: !!python/object/apply:os.system ['echo owned']\n")
+    code, line, _ = _run(capsys, str(bad), *base_args[1:])
+    assert code == 2 and f"experiment file {bad} is not valid YAML" in line
+
+
+def test_a_pickle_that_runs_code_is_refused_as_a_checkpoint(capsys, tmp_path, base_args, earlier_run):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("a checkpoint must never run code",))
+
+    bad = tmp_path / "evil.pth"
+    torch.save({"weights": Payload()}, bad)
+    code, line, lines = _run(capsys, *base_args, f"model.checkpoint={bad}")
+    assert code == 2 and str(bad) in line and "a checkpoint must never run code" not in "\n".join(lines)
+    assert {r["run_id"]: r for r in list_records(tmp_path / "runs")}.keys() >= earlier_run.keys()
+
+
+def test_a_run_name_cannot_leave_the_runs_folder(capsys, tmp_path, base_args):
+    assert _run(capsys, *base_args, "name=../../escaped")[0] == 0
+    (folder,) = [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
+    assert folder.parent == tmp_path / "runs" and "/" not in folder.name and ".." not in folder.name
+    assert not (tmp_path / "escaped").exists()
