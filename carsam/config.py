@@ -23,7 +23,7 @@ from carsam.methods.mac import ORDERS as MAC_ORDERS
 from carsam.methods.mac import SOLVERS as MAC_SOLVERS
 from carsam.methods.mac import STEPS as MAC_STEPS
 from carsam.methods.mac import TARGETS as MAC_TARGETS
-from carsam.methods.registry import method_names
+from carsam.methods.registry import get_method, method_names
 from carsam.models.quantize import QuantConfig
 from carsam.models.sam import REAL_MODEL_TYPES
 from carsam.recon.block_io import INPUT_SOURCES
@@ -90,12 +90,22 @@ class DataConfig:
             self._check_real_paths()
 
     def _check_real_paths(self) -> None:
-        if not (self.annotations and self.calib_images and self.calib_annotations):
-            raise ConfigError("the real-data path needs data.images, data.annotations, data.calib_images and "
-                              "data.calib_annotations (and data.prompts for detector prompts)")
+        if not self.annotations:
+            raise ConfigError("the real-data path needs data.images and data.annotations (and data.prompts for "
+                              "detector prompts; data.calib_images and data.calib_annotations for a method that "
+                              "calibrates)")
         if self.prompt_source == "detector" and not self.prompts:
             raise ConfigError("data.prompt_source=detector needs data.prompts (a COCO detection-results JSON); "
                               "or set data.prompt_source=gt_boxes")
+
+    def check_calibration_paths(self) -> None:
+        """The real-data path of a method that calibrates also needs its calibration files (others never read
+        them)."""
+        if self.is_synthetic:
+            return
+        if not (self.calib_images and self.calib_annotations):
+            raise ConfigError("a method that calibrates needs data.calib_images and data.calib_annotations on the "
+                              "real-data path (e.g. 32 train2017 images); fp and box_as_mask need neither")
         if Path(self.calib_annotations).resolve() == Path(self.annotations).resolve():
             raise ConfigError("data.calib_annotations is the evaluation annotations file: calibrate on other "
                               "images (the protocol uses 32 train2017 images)")
@@ -328,6 +338,8 @@ class RunConfig:
             raise ConfigError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
         if self.method not in method_names():
             raise ConfigError(f"method must be one of {method_names()}, got '{self.method}'")
+        if get_method(self.method).quantized:
+            self.data.check_calibration_paths()
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

@@ -58,10 +58,11 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class DataSets:
-    """The evaluation set (prompts per `data.prompt_source`) and the calibration subset."""
+    """The evaluation set (prompts per `data.prompt_source`) and the calibration subset (None for a method
+    that does not calibrate)."""
 
     val: CocoBoxPrompts
-    calib: CocoBoxPrompts
+    calib: CocoBoxPrompts | None
 
 
 _Paths = tuple[Path, Path, Path | None]  # images, annotations, prompts (None: no prompts file)
@@ -95,10 +96,13 @@ def load_val_set(data: DataConfig) -> CocoBoxPrompts:
     return _val_set(_dataset_paths(data)[0], data)
 
 
-def load_datasets(data: DataConfig, seed: int) -> DataSets:
-    """Build (and, for the testbed, generate once) the evaluation and calibration sets."""
+def load_datasets(data: DataConfig, seed: int, calibrate: bool = True) -> DataSets:
+    """Build (and, for the testbed, generate once) the evaluation and calibration sets; without `calibrate`
+    (a method that does not calibrate) the calibration set is None and its files are never read."""
     val_paths, calib_paths = _dataset_paths(data)
     val = _val_set(val_paths, data)
+    if not calibrate:
+        return DataSets(val, None)
     calib_source = "detector" if calib_paths[2] else "gt_boxes"
     calib_pool = CocoBoxPrompts(*calib_paths, prompt_source=calib_source, check_files=False)
     try:
@@ -201,23 +205,25 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
         sam = build_model(config.model.type, config.model.checkpoint or None).to(device) if method.uses_model else None
         if sam is not None:
             check_finite_(sam, f"loading the checkpoint {model_description(config.model)['checkpoint']}")
-        data = load_datasets(config.data, config.seed)
+        data = load_datasets(config.data, config.seed, calibrate=method.quantized)
         record.details["data"] = data_description(data)
     recon = None
     if sam is not None:
         with _timed(record.timings, "method"):
-            details = method.apply(sam, data.calib, config, context)
+            # a method that does not quantize (fp) leaves the model as it is and has no calibration set
+            details = method.apply(sam, data.calib, config, context) if data.calib is not None else {}
         recon = details.get("recon") if isinstance(details.get("recon"), ReconReport) else None
         record.details.update({**details, "recon": recon.record()} if recon is not None else details)
         check_finite_(sam, f"method {config.method}")
         assert_ready_to_evaluate(sam, method.quantized)
-    record.details["calib_images"] = len(data.calib)
+    record.details["calib_images"] = len(data.calib) if data.calib is not None else 0
     return sam, data, recon
 
 
 def data_description(data: DataSets) -> dict[str, Any]:
     """`details.data`: each set's files with their content hashes, and the calibration image ids."""
-    return {"val": data.val.fingerprint(), "calib": data.calib.fingerprint(list_ids=True)}
+    return {"val": data.val.fingerprint(),
+            "calib": data.calib.fingerprint(list_ids=True) if data.calib is not None else None}
 
 
 SEGM_RESULTS_FILE = "segm_results.json"

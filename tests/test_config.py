@@ -76,9 +76,11 @@ def test_real_model_needs_checkpoint():
         resolve(None, ["model.type=vit_b"])
 
 
-def test_real_data_path_needs_calibration_files():
+def test_real_data_path_needs_calibration_files_for_methods_that_calibrate():
+    paths = ["data.images=/x", "data.annotations=/y.json", "data.prompts=/p.json"]
     with pytest.raises(ConfigError, match="calib_images"):
-        resolve(None, ["data.images=/x", "data.annotations=/y.json"])
+        resolve(None, paths)  # rtn calibrates
+    assert resolve(None, [*paths, "method=fp"]).data.calib_images == ""  # fp does not
 
 
 def test_int_is_accepted_for_float_and_lists_become_tuples():

@@ -561,3 +561,16 @@ def test_a_run_name_cannot_leave_the_runs_folder(capsys, tmp_path, base_args):
     (folder,) = [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")]
     assert folder.parent == tmp_path / "runs" and "/" not in folder.name and ".." not in folder.name
     assert not (tmp_path / "escaped").exists()
+
+
+def test_methods_that_do_not_calibrate_need_no_calibration_files(capsys, tmp_path, small_coco,
+                                                                 random_testbed_checkpoint):
+    without_calib = [a for a in real_data_overrides(small_coco) if not a.startswith("data.calib_")]
+    args = [f"runs_dir={tmp_path / 'runs'}", f"model.checkpoint={random_testbed_checkpoint}",
+            "diagnostics.enabled=false", "tracking.mode=disabled", *without_calib]
+    for name in ("fp.yaml", "box_as_mask.yaml"):
+        assert _run(capsys, experiment(name), *args)[0] == 0
+    records = list_records(tmp_path / "runs")
+    assert [r["details"]["data"]["calib"] for r in records if r["method"] == "fp"] == [None]
+    code, line, _ = _run(capsys, experiment("rtn_w8a8.yaml"), *args)
+    assert code == 2 and "a method that calibrates needs data.calib_images and data.calib_annotations" in line
