@@ -574,3 +574,24 @@ def test_methods_that_do_not_calibrate_need_no_calibration_files(capsys, tmp_pat
     assert [r["details"]["data"]["calib"] for r in records if r["method"] == "fp"] == [None]
     code, line, _ = _run(capsys, experiment("rtn_w8a8.yaml"), *args)
     assert code == 2 and "a method that calibrates needs data.calib_images and data.calib_annotations" in line
+
+
+def test_prompt_boxes_reaching_outside_their_image_are_clipped_with_a_count(tmp_path, small_coco, caplog):
+    import json
+
+    import numpy as np
+
+    from carsam.data.coco import CocoBoxPrompts, clip_boxes_xywh
+
+    boxes, changed = clip_boxes_xywh(np.array([[-5.0, 2, 20, 10], [3, 4, 5, 6], [90, 90, 30, 30]]),
+                                     np.array([100.0, 100, 100]), np.array([100.0, 100, 100]))
+    assert changed == 2 and boxes.tolist() == [[0, 2, 15, 10], [3, 4, 5, 6], [90, 90, 10, 10]]
+    prompts = json.loads(Path(small_coco["prompts"]).read_text())
+    prompts[0]["bbox"] = [-10.0, -10.0, 1000.0, 1000.0]
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(prompts))
+    with caplog.at_level("WARNING", logger="carsam.data.coco"):
+        val = CocoBoxPrompts(small_coco["images"], small_coco["annotations"], path)
+    assert "1 of" in caplog.text and "clipped to it" in caplog.text
+    height, width = val.image_size(prompts[0]["image_id"])
+    assert val.prompts(prompts[0]["image_id"])[0].max(axis=0)[2:].tolist() == [width, height]

@@ -227,10 +227,27 @@ def _group_prompts(image_ids: np.ndarray, boxes_xywh: np.ndarray, scores: np.nda
     return _Prompts(boxes, scores[order].astype(np.float32), category_ids[order].astype(np.int64), spans)
 
 
+def clip_boxes_xywh(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, int]:
+    """[x, y, w, h] boxes (N, 4) clipped to their images (heights, widths: (N,)); returns the clipped boxes and
+    how many changed. A box left with no area inside its image keeps a 1-pixel extent at the border."""
+    x0 = np.clip(boxes[:, 0], 0, widths - 1)
+    y0 = np.clip(boxes[:, 1], 0, heights - 1)
+    x1 = np.clip(boxes[:, 0] + boxes[:, 2], x0 + 1, widths)
+    y1 = np.clip(boxes[:, 1] + boxes[:, 3], y0 + 1, heights)
+    clipped = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
+    return clipped, int((np.abs(clipped - boxes) > 1e-6).any(axis=1).sum())
+
+
 def _detector_prompts(prompts_file: Path, coco: COCO) -> _Prompts:
     entries = _validate_prompts(_read_json(prompts_file, "prompts", "data.prompts"), prompts_file, coco)
-    return _group_prompts(np.array([e["image_id"] for e in entries], dtype=np.int64),
-                          np.array([e["bbox"] for e in entries], dtype=np.float64),
+    sizes = np.array([[coco.imgs[e["image_id"]]["height"], coco.imgs[e["image_id"]]["width"]] for e in entries],
+                     dtype=np.float64).reshape(-1, 2)
+    boxes, changed = clip_boxes_xywh(np.array([e["bbox"] for e in entries], dtype=np.float64).reshape(-1, 4),
+                                     sizes[:, 0], sizes[:, 1])
+    if changed:
+        logger.warning("prompts file %s: %d of %d boxes reach outside their image; clipped to it", prompts_file,
+                       changed, len(entries))
+    return _group_prompts(np.array([e["image_id"] for e in entries], dtype=np.int64), boxes,
                           np.array([e["score"] for e in entries], dtype=np.float64),
                           np.array([e["category_id"] for e in entries], dtype=np.int64))
 
