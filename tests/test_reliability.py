@@ -189,7 +189,7 @@ def _wait_for_running(runs: Path, proc, timeout: float = 120.0) -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_writes_interrupted_and_sigkill_reads_as_interrupted(tmp_path, small_coco, random_testbed_checkpoint):
+def test_sigterm_and_ctrl_c_write_interrupted_and_sigkill_reads_as_interrupted(tmp_path, small_coco, random_testbed_checkpoint):
     import signal
 
     proc, runs = _start_run(tmp_path / "term", small_coco, random_testbed_checkpoint)
@@ -198,6 +198,12 @@ def test_sigterm_writes_interrupted_and_sigkill_reads_as_interrupted(tmp_path, s
     assert proc.wait(timeout=60) == 143 and "carsam: interrupted (SIGTERM)" in proc.stderr.read()
     record = list_records(runs)[0]
     assert record["status"] == "interrupted" and record["error"] == "interrupted (KeyboardInterrupt: SIGTERM)"
+
+    proc, runs = _start_run(tmp_path / "int", small_coco, random_testbed_checkpoint)
+    _wait_for_running(runs, proc)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert proc.wait(timeout=60) == 130 and "carsam: interrupted (SIGINT)" in proc.stderr.read()
+    assert list_records(runs)[0]["status"] == "interrupted"
 
     proc, runs = _start_run(tmp_path / "kill", small_coco, random_testbed_checkpoint)
     _wait_for_running(runs, proc)
