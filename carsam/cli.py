@@ -371,7 +371,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt as err:
-        print(f"carsam: interrupted ({err or 'SIGINT'})", file=sys.stderr)
+        print(f"carsam: interrupted ({str(err) or 'SIGINT'})", file=sys.stderr)
         return 143 if str(err) == "SIGTERM" else 130
     except USER_ERRORS as err:
         if args.verbose:

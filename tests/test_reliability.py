@@ -189,7 +189,8 @@ def _wait_for_running(runs: Path, proc, timeout: float = 120.0) -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_and_ctrl_c_write_interrupted_and_sigkill_reads_as_interrupted(tmp_path, small_coco, random_testbed_checkpoint):
+def test_sigterm_and_ctrl_c_write_interrupted_and_sigkill_reads_as_interrupted(tmp_path, small_coco,
+                                                                              random_testbed_checkpoint):
     import signal
 
     proc, runs = _start_run(tmp_path / "term", small_coco, random_testbed_checkpoint)
