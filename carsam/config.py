@@ -28,6 +28,7 @@ from carsam.models.quantize import QuantConfig
 from carsam.models.sam import REAL_MODEL_TYPES
 from carsam.recon.block_io import INPUT_SOURCES
 from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
+from carsam.testbed.spec import TESTBED_CHECKPOINTS
 from carsam.tracking import MODES as TRACKER_MODES
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T", bound="DataclassInstance")
 
-MODEL_TYPES = ("testbed", *REAL_MODEL_TYPES)
+MODEL_TYPES = (*TESTBED_CHECKPOINTS, *REAL_MODEL_TYPES)
 DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
@@ -45,7 +46,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Which SAM to quantize. `checkpoint` empty with `type: testbed` means the shipped testbed."""
+    """Which SAM to quantize. `checkpoint` empty with `type: testbed` (or `testbed_v2`) means that testbed's
+    shipped checkpoint."""
 
     type: str = "testbed"
     checkpoint: str = ""
@@ -53,7 +55,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.type not in MODEL_TYPES:
             raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got '{self.type}'")
-        if self.type != "testbed" and not self.checkpoint:
+        if self.type not in TESTBED_CHECKPOINTS and not self.checkpoint:
             raise ConfigError(f"model.checkpoint is required for model.type={self.type} (path to the SAM .pth)")
 
 

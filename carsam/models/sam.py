@@ -8,7 +8,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
 from carsam.models.checkpoint import CheckpointError, apply_state_dict, load_state_dict
-from carsam.testbed.spec import TESTBED_CHECKPOINT, build_testbed_from_checkpoint, build_testbed_sam
+from carsam.testbed.spec import TESTBED_CHECKPOINTS, build_testbed_from_checkpoint, build_testbed_sam
 
 REAL_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
 
@@ -23,9 +23,9 @@ def build_real_sam(model_type: str, checkpoint: str | Path) -> Sam:
 
 
 def build_model(model_type: str, checkpoint: str | Path | None = None) -> Sam:
-    """The FP SAM to quantize: the testbed (shipped checkpoint unless `checkpoint`) or vit_b/l/h."""
-    if model_type == "testbed":
-        return build_testbed_from_checkpoint(checkpoint or TESTBED_CHECKPOINT)
+    """The FP SAM to quantize: a testbed (its shipped checkpoint unless `checkpoint`) or vit_b/l/h."""
+    if model_type in TESTBED_CHECKPOINTS:
+        return build_testbed_from_checkpoint(checkpoint or TESTBED_CHECKPOINTS[model_type])
     if not checkpoint:
         raise CheckpointError(f"model.checkpoint is required for model.type={model_type}")
     return build_real_sam(model_type, checkpoint)
@@ -34,7 +34,7 @@ def build_model(model_type: str, checkpoint: str | Path | None = None) -> Sam:
 def build_random_model(model_type: str) -> Sam:
     """The architecture of `model_type` (testbed or vit_b/l/h) with its own random initialisation (seed the
     global RNG first for a reproducible one): the reference of what training adds (`carsam stats`)."""
-    if model_type == "testbed":
+    if model_type in TESTBED_CHECKPOINTS:  # the testbeds share one architecture
         return build_testbed_sam()
     if model_type not in REAL_MODEL_TYPES:
         raise ValueError(f"model type must be one of {REAL_MODEL_TYPES} or 'testbed', got '{model_type}'")

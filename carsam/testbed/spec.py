@@ -21,6 +21,11 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)  # SAM's input normalisation
 PIXEL_STD = (58.395, 57.12, 57.375)
 TESTBED_CHECKPOINT = Path(__file__).resolve().parent / "testbed_sam.pth"
 TESTBED_CARD = Path(__file__).resolve().parent / "testbed.json"
+TESTBED_V2_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_sam.pth"
+TESTBED_V2_CARD = Path(__file__).resolve().parent / "testbed_v2.json"
+# model.type -> its shipped checkpoint: v1 (the default, and the fast tests'), and v2 (docs/testbed.md: trained
+# with SAM-scale output tokens and no decay on embeddings, for larger token ranges)
+TESTBED_CHECKPOINTS = {"testbed": TESTBED_CHECKPOINT, "testbed_v2": TESTBED_V2_CHECKPOINT}
 
 
 @dataclasses.dataclass(frozen=True)
