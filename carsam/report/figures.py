@@ -139,8 +139,10 @@ def _legend(fig: Figure, axes: Sequence) -> None:
 def recon_curves(diag: pd.DataFrame) -> dict[str, dict[str, tuple[pd.DataFrame, float]]]:
     """{unit: {stream: (rows with step/value sorted by step, oscillation index or NaN)}} of the
     reconstruction streams' loss curves (not `round`/`total`)."""
-    kinds = diag["kind"].str.partition("/")
     curves: dict[str, dict[str, tuple[pd.DataFrame, float]]] = {}
+    if diag.empty:  # e.g. an FP run: nothing quantized, nothing reconstructed
+        return curves
+    kinds = diag["kind"].str.partition("/")
     loss = diag[(kinds[0] == LOSS) & ~kinds[2].isin(list(NON_RECON_STREAMS))]
     for (unit, kind), rows in loss.groupby(["module", "kind"], sort=False):
         stream = kind.partition("/")[2]

@@ -99,3 +99,12 @@ def test_map_entropy_is_one_for_uniform_and_zero_for_one_hot():
     assert map_entropy(one_hot) == pytest.approx(0.0)
     flattened = fake_attention_maps(0.5)
     assert map_entropy(flattened.q[0, 0]) > map_entropy(flattened.fp[0, 0])  # flattening raises H
+
+
+def test_a_run_with_an_empty_diagnostics_table_draws_nothing_and_breaks_nothing(runs, tmp_path):
+    from carsam.diagnostics.writer import write_diagnostics
+
+    write_diagnostics(make_run(runs, "r4-fp", "fp", metrics(0.5)), "r4-fp", [])  # an FP run's table: no rows
+    result = write_figures(runs, tmp_path / "figures")
+    assert "recon_loss_r4-fp.png" not in {p.name for p in result.written}
+    assert "attention_entropy.png" in {p.name for p in result.written}
