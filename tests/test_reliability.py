@@ -602,3 +602,16 @@ def test_prompt_boxes_reaching_outside_their_image_are_clipped_with_a_count(tmp_
     assert "1 of" in caplog.text and "clipped to it" in caplog.text
     height, width = val.image_size(prompts[0]["image_id"])
     assert val.prompts(prompts[0]["image_id"])[0].max(axis=0)[2:].tolist() == [width, height]
+
+
+def test_the_dashboard_shows_a_dead_run_as_interrupted_with_when(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from carsam.report.dashboard import dashboard_data
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _running_record(tmp_path, "dead", process={"pid": int(child.stdout), "host": socket.gethostname()})
+    (run,) = dashboard_data(tmp_path)["runs"]
+    assert run["status"] == "interrupted" and run["status_note"].startswith("no heartbeat since ")

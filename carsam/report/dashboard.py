@@ -83,6 +83,8 @@ def _run_entry(rec: dict[str, Any], has_diagnostics: bool, setting: str) -> dict
 
 def _diagnostics_entry(df: pd.DataFrame) -> dict[str, Any]:
     """One run's diagnostics table -> `{"attention", "curves", "unit_stats"}` (module docstring)."""
+    if df.empty:  # e.g. an FP run: nothing quantized, nothing reconstructed
+        return {"attention": [], "curves": {}, "unit_stats": []}
     df = df.sort_values(["module", "kind", "layer", "head", "step"], kind="stable")
     recon = df["kind"].str.contains("/", regex=False)
     attention = df.loc[~recon, ["module", "layer", "head", "kind", "value"]]

@@ -150,3 +150,14 @@ def test_runs_that_differ_only_in_their_seed_share_a_setting(tmp_path):
     settings = {r["run_id"]: r["setting"] for r in dashboard_data(root)["runs"]}
     assert settings["a0"] == settings["a1"] != settings["b0"]
     assert "W4A4" in settings["a0"] and "W6A6" in settings["b0"]
+
+
+def test_a_run_with_an_empty_diagnostics_table_is_embedded_empty_not_skipped(tmp_path, caplog):
+    from carsam.diagnostics.writer import write_diagnostics
+    from tests.report.helpers import make_run, metrics
+
+    write_diagnostics(make_run(tmp_path, "fp1", "fp", metrics(0.5)), "fp1", [])  # an FP run's table: no rows
+    with caplog.at_level("WARNING"):
+        data = dashboard_data(tmp_path)
+    assert data["diagnostics"]["fp1"] == {"attention": [], "curves": {}, "unit_stats": []}
+    assert "skipping" not in caplog.text
