@@ -204,7 +204,7 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
     with _timed(record.timings, "build"):
         sam = build_model(config.model.type, config.model.checkpoint or None).to(device) if method.uses_model else None
         if sam is not None:
-            check_finite_(sam, f"loading the checkpoint {model_description(config.model)['checkpoint']}")
+            check_finite_(sam, f"loading the checkpoint {record.model['checkpoint']}")
         data = load_datasets(config.data, config.seed, calibrate=method.quantized)
         record.details["data"] = data_description(data)
     recon = None

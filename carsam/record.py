@@ -191,15 +191,15 @@ def last_alive(run_dir: str | Path) -> _dt.datetime | None:
     return None
 
 
-def effective_status(record: dict[str, Any], run_dir: str | Path, now: _dt.datetime | None = None) -> tuple[str, str]:
+def effective_status(record: dict[str, Any], run_dir: str | Path) -> tuple[str, str]:
     """(status, note): the record's status, except that a `running` record whose process is gone (same host,
     pid not alive) or whose heartbeat is older than `STALE_SECONDS` is `interrupted`, with a note saying
-    when it was last alive. `now`: the time to judge by (default: now, UTC)."""
+    when it was last alive."""
     status = str(record.get("status", ""))
     if status != RUNNING:
         return status, ""
     seen = last_alive(run_dir)
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.timezone.utc)
     process = (record.get("details") or {}).get("process") or {}
     gone = process.get("host") == socket.gethostname() and isinstance(process.get("pid"), int) \
         and not _process_alive(process["pid"])

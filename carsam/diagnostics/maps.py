@@ -17,6 +17,7 @@ box in that frame's pixels, so the report's figures and the dashboard draw them 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from carsam.eval.inference import EmbeddingSource, SamBoxPredictor
 from carsam.files import replace_atomic
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
+
+logger = logging.getLogger(__name__)
 
 MAPS_FILE = "attention_maps.npz"
 MASK_TOKEN_ROW = 1  # row of mask token 0 among the decoder's query tokens (after the IoU token)
@@ -162,5 +165,18 @@ def read_attention_maps(run_dir: str | Path) -> AttentionMaps:
         return AttentionMaps(**{name: data[name] for name in FIELDS})
 
 
+def load_run_maps(run_dir: str | Path) -> AttentionMaps | None:
+    """`read_attention_maps` of a run folder for readers of many runs: None when it has no maps file, and None
+    with a warning when the file is unreadable."""
+    path = Path(run_dir) / MAPS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return read_attention_maps(run_dir)
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("skipping unreadable attention maps %s (%s)", path, err)
+        return None
+
+
 __all__ = ["IMAGE_SIDE", "MAPS_FILE", "MASK_TOKEN_ROW", "AttentionMaps", "collect_attention_maps", "input_frame",
-           "read_attention_maps", "write_attention_maps"]
+           "load_run_maps", "read_attention_maps", "write_attention_maps"]

@@ -92,10 +92,11 @@ def diagnose_run(config: RunConfig, run_id: str, run_dir: str | Path, sam: nn.Mo
         frames.append(collect_attention_stats(sam, val, images, scopes, iou_threshold=settings.iou_threshold,
                                               source=source))
         info.update(images=images, scopes=scopes)
-        if "decoder" in scopes and settings.map_images and settings.map_prompts:
-            maps = collect_attention_maps(sam, val, images[:settings.map_images], settings.map_prompts, source=source)
+        map_images = images[:settings.map_images]
+        if "decoder" in scopes and map_images and settings.map_prompts:
+            maps = collect_attention_maps(sam, val, map_images, settings.map_prompts, source=source)
             write_attention_maps(run_dir, maps)
-            info["maps"] = {"file": MAPS_FILE, "images": images[:settings.map_images], "prompts": len(maps.fp)}
+            info["maps"] = {"file": MAPS_FILE, "images": map_images, "prompts": len(maps.fp)}
     else:
         info["attention"] = "skipped: the run quantizes none of diagnostics.scopes"
     frames += recon_frames(recon, settings.oscillation_window)

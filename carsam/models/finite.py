@@ -22,13 +22,16 @@ def non_finite_tensors(module: nn.Module) -> list[tuple[str, int, int]]:
     """`(name, non-finite count, numel)` of every floating parameter and buffer of `module` that holds a NaN
     or an Inf, in `named_parameters` then `named_buffers` order."""
     found = []
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    for name, tensor in tensors:
-        if tensor.is_floating_point() and tensor.numel():
-            bad = int((~torch.isfinite(tensor.detach())).sum())
-            if bad:
-                found.append((name, bad, tensor.numel()))
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and (bad := _non_finite_count(tensor)):
+            found.append((name, bad, tensor.numel()))
     return found
+
+
+def _non_finite_count(tensor: Tensor) -> int:
+    """How many NaN/Inf values `tensor` holds; one `all()` reduction in the usual, finite case."""
+    finite = torch.isfinite(tensor.detach())
+    return 0 if bool(finite.all()) else int((~finite).sum())
 
 
 def check_finite_(module: nn.Module, stage: str) -> None:
@@ -46,7 +49,7 @@ def check_finite_(module: nn.Module, stage: str) -> None:
 
 def check_finite_output(tensor: Tensor, what: str) -> None:
     """Raise `NonFiniteError` if `tensor` (a model output, e.g. "the decoder's IoU predictions") holds NaN/Inf."""
-    bad = int((~torch.isfinite(tensor.detach())).sum())
+    bad = _non_finite_count(tensor)
     if bad:
         raise NonFiniteError(f"{what} hold {bad} NaN/Inf values of {tensor.numel()}: the model's weights or "
                              "activations are not finite (a corrupt checkpoint, or a method that diverged)")

@@ -15,17 +15,18 @@ order (by run id, i.e. start time): to compare other runs, report a folder that 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from carsam.diagnostics.maps import MAPS_FILE, AttentionMaps, read_attention_maps
+from carsam.diagnostics.attention import normalized_entropy
+from carsam.diagnostics.maps import AttentionMaps, load_run_maps
 from carsam.files import replace_atomic
 
 logger = logging.getLogger(__name__)
@@ -37,23 +38,13 @@ DPI = 150
 
 def load_attention_maps(runs_dir: str | Path, labels: Mapping[str, str]) -> dict[str, AttentionMaps]:
     """{label: maps} of the runs (`labels`: run_id -> label) that have a readable `attention_maps.npz`."""
-    maps = {}
-    for run_id, label in labels.items():
-        path = Path(runs_dir) / run_id
-        if not (path / MAPS_FILE).is_file():
-            continue
-        try:
-            maps[label] = read_attention_maps(path)
-        except (OSError, ValueError, KeyError) as err:
-            logger.warning("skipping unreadable %s (%s)", path / MAPS_FILE, err)
-    return maps
+    loaded = {label: load_run_maps(Path(runs_dir) / run_id) for run_id, label in labels.items()}
+    return {label: maps for label, maps in loaded.items() if maps is not None}
 
 
 def map_entropy(prob_map: np.ndarray) -> float:
-    """Normalised Shannon entropy of a map `(g, g)` of probabilities: `-sum p ln p / ln(g*g)`."""
-    p = prob_map.astype(np.float64).ravel()
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum() / math.log(prob_map.size))
+    """Normalised Shannon entropy of a map `(g, g)` of probabilities (`normalized_entropy` over its g*g tokens)."""
+    return float(normalized_entropy(torch.from_numpy(prob_map.reshape(1, -1)))[0])
 
 
 def layer_label(layer: int, depth: int) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from carsam.diagnostics.maps import MAPS_FILE, AttentionMaps, read_attention_maps
+from carsam.diagnostics.maps import AttentionMaps, load_run_maps
 from carsam.diagnostics.writer import DIAGNOSTICS_FILE, read_diagnostics
 from carsam.files import write_text_atomic
 from carsam.record import list_records
@@ -108,37 +108,27 @@ def _read_run_diagnostics(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _frame_uri(frame: np.ndarray) -> tuple[str, str]:
-    """(key, PNG data URI) of one `(F, F, 3)` uint8 frame; the key is a hash of its pixels."""
-    buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, format="PNG")
+def _add_frame(frame: np.ndarray, frames: dict[str, str]) -> str:
+    """Key of one `(F, F, 3)` uint8 frame (a hash of its pixels) in `frames`, its PNG data URI added once."""
     key = hashlib.sha1(frame.tobytes()).hexdigest()[:16]
-    return key, "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    if key not in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        frames[key] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return key
 
 
 def _maps_entry(maps: AttentionMaps, frames: dict[str, str]) -> dict[str, Any]:
     """One run's maps (module docstring), adding its frames to `frames`."""
     prompts = []
     for i in range(len(maps.fp)):
-        key, uri = _frame_uri(maps.images[i])
-        frames.setdefault(key, uri)
+        key = _add_frame(maps.images[i], frames)
         prompts.append({"image_id": int(maps.image_ids[i]), "prompt_index": int(maps.prompt_index[i]),
                         "box": [round(float(v), 2) for v in maps.boxes[i]], "frame": key,
                         "side": int(maps.images[i].shape[0]),
                         "fp": np.round(maps.fp[i].reshape(len(maps.layers), -1), 6).tolist(),
                         "q": np.round(maps.q[i].reshape(len(maps.layers), -1), 6).tolist()})
     return {"layers": maps.layers.tolist(), "grid": maps.grid, "prompts": prompts}
-
-
-def _read_run_maps(run_dir: Path, frames: dict[str, str]) -> dict[str, Any] | None:
-    """The maps entry of one run folder; None without a (readable) maps file."""
-    if not (run_dir / MAPS_FILE).is_file():
-        return None
-    try:
-        return _maps_entry(read_attention_maps(run_dir), frames)
-    except (OSError, ValueError, KeyError) as err:
-        logger.warning("skipping unreadable attention maps %s (%s)", run_dir / MAPS_FILE, err)
-        return None
 
 
 def dashboard_data(runs_dir: str | Path) -> dict[str, Any]:
@@ -153,21 +143,19 @@ def dashboard_data(runs_dir: str | Path) -> dict[str, Any]:
     diagnostics: dict[str, Any] = {}
     maps: dict[str, Any] = {}
     frames: dict[str, str] = {}
-    records = []
-    for rec in list_records(root):
-        if not isinstance(rec, dict) or not rec.get("run_id"):
-            logger.warning("skipping a run record without a run_id under %s", root)
-            continue
-        records.append(rec)
+    readable = list_records(root)  # JSON objects only
+    records = [rec for rec in readable if rec.get("run_id")]
+    if len(records) < len(readable):
+        logger.warning("skipping %d run record(s) without a run_id under %s", len(readable) - len(records), root)
     settings = setting_labels(records)
     for rec in records:
         run_id = str(rec["run_id"])
         diag = _read_run_diagnostics(root / run_id)
         if diag is not None:
             diagnostics[run_id] = diag
-        run_maps = _read_run_maps(root / run_id, frames)
+        run_maps = load_run_maps(root / run_id)
         if run_maps is not None:
-            maps[run_id] = run_maps
+            maps[run_id] = _maps_entry(run_maps, frames)
         runs.append(_run_entry(rec, diag is not None, settings[run_id]))
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return _json_safe({"version": DATA_VERSION, "runs_dir": str(root), "generated_at": stamp, "runs": runs,
