@@ -1,4 +1,4 @@
-"""The `carsam` command: run, sweep, report, dashboard, stats, testbed, clean."""
+"""The `carsam` command: run, eval, export, sweep, report, dashboard, stats, testbed, clean."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from typing import Any, cast
 
 from carsam.config import ConfigError
 from carsam.data.coco import DatasetError
+from carsam.export.packed import PackError
 from carsam.methods.calibrate import CalibrationError
 from carsam.models.checkpoint import CheckpointError
 from carsam.models.finite import NonFiniteError
 
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, NonFiniteError, OSError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, CalibrationError, NonFiniteError, PackError, OSError)
 
 
 def _port(text: str) -> int:
@@ -46,6 +47,54 @@ def _cmd_run(args: argparse.Namespace) -> int:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
     print(f"{record.run_id}  {record.status}  {metrics}")
     print(f"record: {config.runs_dir}/{record.run_id}/record.json")
+    return 0
+
+
+EVAL_OVERRIDES = ("data.", "device=", "runs_dir=", "name=", "seed=", "diagnostics.", "tracking.", "cache.",
+                  "model.checkpoint=")  # what a re-evaluation may change; the rest made the saved model
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from carsam import pipeline
+    from carsam.config import resolve
+    from carsam.export.saved import read_manifest
+    from carsam.record import CONFIG_FILE
+
+    run_dir = Path(args.run_dir)
+    read_manifest(run_dir)  # one line when the folder holds no saved model, before anything is built
+    fixed = [o for o in args.overrides if not o.startswith(EVAL_OVERRIDES)]
+    if fixed:
+        raise ConfigError(f"carsam eval re-evaluates a saved model: '{fixed[0]}' would change the model itself; only "
+                          f"{', '.join(p.rstrip('=.') for p in EVAL_OVERRIDES)} can be set (rerun the method instead)")
+    source = resolve(run_dir / CONFIG_FILE)
+    named = [o for o in args.overrides if o.startswith("name=")]
+    changes = [o for o in args.overrides if o.startswith(("data.prompt_source=", "data.max_val_images=",
+                                                          "data.synthetic_seed="))]
+    name = "+".join([source.name or source.method, "eval", *changes])
+    config = resolve(run_dir / CONFIG_FILE, [f"name={name}", *args.overrides] if not named else args.overrides)
+    record = pipeline.run(config, progress=not args.no_progress, saved=run_dir)
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
+    print(f"{record.run_id}  {record.status}  {metrics}")
+    print(f"record: {config.runs_dir}/{record.run_id}/record.json")
+    return 0
+
+
+PACKED_FILE = "model_packed.safetensors"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from carsam.export.packed import export_packed
+    from carsam.export.saved import MODEL_FILE, load_quantized, read_manifest
+
+    run_dir = Path(args.run_dir)
+    manifest = read_manifest(run_dir)
+    sam = load_quantized(run_dir)
+    out = Path(args.out) if args.out else run_dir / PACKED_FILE
+    written = export_packed(sam, out, manifest["model"]["type"])
+    fake_quant = (run_dir / MODEL_FILE).stat().st_size
+    print(f"{out}: {written['bytes'] / 1e6:.2f} MB ({written['weights']} weights at {written['weight_bits']} bits, "
+          f"{written['activations']} activation quantizers, {written['fp_entries']} FP entries as fp16); "
+          f"the fake-quant model: {fake_quant / 1e6:.2f} MB")
     return 0
 
 
@@ -218,6 +267,28 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="re-evaluate the quantized model a run saved, on other data or prompts",
+                       description="Load RUN_DIR's saved model (output.save_model) and evaluate it with RUN_DIR's "
+                                   "config, data.* (and device, runs_dir, diagnostics, ...) overridden; writes a "
+                                   "new run record naming the source run. The method is not run again.")
+    p.add_argument("run_dir", help="a run folder with model.safetensors and quantizers.json")
+    p.add_argument("overrides", nargs="*", help="e.g. data.prompt_source=gt_boxes data.synthetic_seed=1")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's saved model as a packed low-bit artifact",
+                       description="Pack RUN_DIR's saved quantized model: integer weight codes (two 4-bit codes per "
+                                   "byte), scales and zero points, activation qparams, FP parts as fp16, in one "
+                                   "safetensors file with a JSON header (carsam.export.packed).")
+    p.add_argument("run_dir", help="a run folder with model.safetensors and quantizers.json")
+    p.add_argument("--format", choices=["safetensors"], default="safetensors", help="the artifact's format")
+    p.add_argument("--out", default="", help=f"output file (default: RUN_DIR/{PACKED_FILE})")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="an Optuna study over a search space file; each trial is a run record",
                        description="Run (or resume) an Optuna study defined by a search-space Python file. "
@@ -327,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the baselines it is compared with, on SAM or the embedded testbed.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{run,sweep,report,dashboard,stats,testbed,clean}")
-    for add in (_add_run, _add_sweep, _add_report, _add_dashboard, _add_stats, _add_testbed, _add_clean):
+                                metavar="{run,eval,export,sweep,report,dashboard,stats,testbed,clean}")
+    for add in (_add_run, _add_eval, _add_export, _add_sweep, _add_report, _add_dashboard, _add_stats, _add_testbed,
+                _add_clean):
         add(sub)
     return parser
 

@@ -315,6 +315,16 @@ class CacheConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """What a run keeps besides its record. `save_model`: write the quantized model into the run folder
+    (`model.safetensors` + `quantizers.json`, carsam.export.saved; reload with `carsam.load_quantized`,
+    re-evaluate with `carsam eval RUN_DIR`); null (the default) saves it for the methods that train something
+    (reconstruction: brecq, qdrop, ptq4sam, carsam), whose model costs most to recompute."""
+
+    save_model: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one `carsam run` needs; written resolved into the run folder."""
 
@@ -332,6 +342,7 @@ class RunConfig:
     tracking: TrackingConfig = TrackingConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     cache: CacheConfig = CacheConfig()
+    output: OutputConfig = OutputConfig()
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:
@@ -342,6 +353,17 @@ class RunConfig:
             raise ConfigError(f"method must be one of {method_names()}, got '{self.method}'")
         if get_method(self.method).quantized:
             self.data.check_calibration_paths()
+        elif self.output.save_model:
+            raise ConfigError(f"output.save_model=true needs a quantizing method; '{self.method}' quantizes nothing "
+                              "(its model is the FP checkpoint)")
+
+    @property
+    def saves_model(self) -> bool:
+        """Whether the run writes its quantized model (`output.save_model`; null: the methods that train)."""
+        method = get_method(self.method)
+        if self.output.save_model is None:
+            return method.trains
+        return self.output.save_model and method.quantized
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

@@ -31,8 +31,16 @@ from carsam.data.coco import CocoBoxPrompts, DatasetError
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.diagnostics.run import diagnose_run, diagnostic_images
 from carsam.eval.evaluate import EvalResult, box_as_mask_floor, evaluate
+from carsam.export.saved import (
+    SavedModelError,
+    attach_fp_references_,
+    load_quantized,
+    read_manifest,
+    save_quantized,
+)
 from carsam.files import memoised_file_sha256, write_text_atomic
 from carsam.methods.registry import Method, get_method
+from carsam.models.checkpoint import load_state_dict
 from carsam.models.finite import check_finite_
 from carsam.models.sam import build_model
 from carsam.quant.quantizers import QuantMode
@@ -196,6 +204,27 @@ def _keep_for_diagnostics(config: RunConfig, sam: torch.nn.Module | None, data: 
     return context.embeddings.keep_quantized(sam, data.val, images)
 
 
+def _load_saved(config: RunConfig, saved: Path, record: RunRecord, device: torch.device
+                ) -> tuple[torch.nn.Module, DataSets, None]:
+    """The model saved in the run folder `saved` (instead of building and quantizing one), with FP references
+    from the FP checkpoint (so diagnostics' FP passes run the FP model), and the evaluation data."""
+    manifest = read_manifest(saved)
+    if manifest["model"].get("sha256") != record.model["sha256"]:
+        raise SavedModelError(f"the FP checkpoint {record.model['checkpoint']} is not the one the model in {saved} "
+                              f"was quantized from ({manifest['model'].get('checkpoint')}, SHA-256 "
+                              f"{str(manifest['model'].get('sha256'))[:12]}…): set model.checkpoint to that file")
+    with _timed(record.timings, "build"):
+        sam = load_quantized(saved).to(device)
+        references = attach_fp_references_(sam, load_state_dict(record.model["checkpoint"]))
+        check_finite_(sam, f"loading the saved model in {saved}")
+        data = load_datasets(config.data, config.seed, calibrate=False)
+        record.details["data"] = data_description(data)
+    record.details["source_run"] = {"run_id": manifest.get("run_id"), "dir": str(saved),
+                                    "weights_sha256": manifest["weights_sha256"], "fp_references": references}
+    assert_ready_to_evaluate(sam, quantized=True)
+    return sam, data, None
+
+
 def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunContext, device: torch.device
              ) -> tuple[torch.nn.Module | None, DataSets, ReconReport | None]:
     """Build and quantize on `device`; fills `record` in place. Returns the quantized model (None for a
@@ -272,6 +301,21 @@ def _diagnose(config: RunConfig, method: Method, record: RunRecord, run_dir: Pat
     return result.frame
 
 
+def _save_model(config: RunConfig, record: RunRecord, run_dir: Path, sam: torch.nn.Module | None) -> None:
+    """Write the quantized model into `run_dir` when `config.saves_model` (`details.saved_model`). A failure
+    (e.g. a full disk) is logged and stored as `details.saved_model.error`: the evaluation is kept."""
+    if sam is None or not config.saves_model:
+        return
+    try:
+        with _timed(record.timings, "save_model"):
+            record.details["saved_model"] = save_quantized(sam, run_dir, record.model, config.quant,
+                                                           {"run_id": record.run_id, "method": record.method})
+    except (OSError, RuntimeError, ValueError) as err:
+        logger.warning("saving the quantized model failed (%s: %s); the run's metrics are kept",
+                       type(err).__name__, err)
+        record.details["saved_model"] = {"error": f"{type(err).__name__}: {err}"}
+
+
 def cache_dir(config: RunConfig) -> Path:
     """The stage cache folder: `cache.dir`, or `<runs_dir>/.cache`."""
     return Path(config.cache.dir) if config.cache.dir else Path(config.runs_dir) / ".cache"
@@ -320,12 +364,15 @@ def _record_cache(record: RunRecord, context: RunContext) -> None:
     record.details["cache"] = {**context.embeddings.summary(), "prepared": prepared}
 
 
-def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | None = None) -> RunRecord:
-    """Execute one run and write `runs_dir/<run_id>/{config.yaml,record.json}` (and `diagnostics.parquet`).
+def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | None = None,
+        saved: Path | None = None) -> RunRecord:
+    """Execute one run and write `runs_dir/<run_id>/{config.yaml,record.json}` (and `diagnostics.parquet`, and
+    the quantized model when `config.saves_model`).
 
     On failure the record is written with `status: failed` and the error, then the error is re-raised.
     The record is also written as soon as the evaluation is done, before the diagnostics.
-    `extra` (e.g. a sweep's trial number) is stored under `record.details`.
+    `extra` (e.g. a sweep's trial number) is stored under `record.details`. With `saved` (a run folder holding
+    a saved model, `carsam eval`) the model is loaded from it instead of built and quantized by the method.
     """
     method, model = get_method(config.method), model_description(config.model)
     run_id = new_run_id(config.name or config.method)
@@ -348,7 +395,10 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
     start = time.perf_counter()
     try:
         device = resolve_device(config.device)
-        sam, data, recon = _execute(config, method, record, context, device)
+        if saved is None:
+            sam, data, recon = _execute(config, method, record, context, device)
+        else:
+            sam, data, recon = _load_saved(config, saved, record, device)
         images = diagnostic_images(data.val, config.diagnostics.images) if config.diagnostics.enabled else []
         with _keep_for_diagnostics(config, sam, data, images, context):
             with _timed(record.timings, "evaluate"):
@@ -356,6 +406,8 @@ def run(config: RunConfig, *, progress: bool = False, extra: dict[str, Any] | No
             _record_evaluation(record, run_dir, result, data, device)
             _record_cache(record, context)
             write_record(run_dir, record)  # the evaluation is safe before the diagnostics start
+            if saved is None:
+                _save_model(config, record, run_dir, sam)
             diagnostics = _diagnose(config, method, record, run_dir, sam, data, images, recon, context)
     except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, SIGTERM (`carsam.cli`), or a library's exit
         record.status, record.error = INTERRUPTED, f"interrupted ({type(err).__name__}{f': {err}' if str(err) else ''})"

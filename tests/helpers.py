@@ -19,6 +19,19 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_SPEC = SyntheticSpec(seed=7, num_images=(("train", 0), ("calib", 4), ("val", 6)))
 
 
+BOX = torch.tensor([[8.0, 6.0, 40.0, 52.0]])
+
+
+def decode_box(sam, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """SAM's single-mask outputs for the box `BOX` on `image` (1, 3, S, S): low-res masks (1, 1, h, w), IoU (1, 1)."""
+    with torch.no_grad():
+        embedding = sam.image_encoder(image)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=BOX, masks=None)
+        return sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                multimask_output=False)
+
+
 def experiment(name: str) -> str:
     """Absolute path of a shipped experiment file, so tests do not depend on the working directory."""
     return str(REPO / "experiments" / name)

@@ -10,7 +10,8 @@ from pathlib import Path
 from tests.helpers import REPO
 
 PACKAGE = REPO / "carsam"
-PACKAGES = ("cache", "data", "diagnostics", "eval", "methods", "models", "quant", "recon", "report", "sweep", "testbed")
+PACKAGES = ("cache", "data", "diagnostics", "eval", "export", "methods", "models", "quant", "recon", "report", "sweep",
+            "testbed")
 
 
 def _sources() -> list[Path]:

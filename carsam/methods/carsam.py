@@ -69,7 +69,7 @@ def apply_carsam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: Ru
     return details
 
 
-register(Method("carsam", apply_carsam,
+register(Method("carsam", apply_carsam, trains=True,
                 summary="CAR-SAM: PTQ4SAM + MatMul-Aware Compensation + Joint Cross-Attention Reconstruction"))
 
 __all__ = ["apply_carsam", "carsam_units"]

@@ -239,7 +239,7 @@ def apply_ptq4sam(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: R
     return details
 
 
-register(Method("ptq4sam", apply_ptq4sam,
+register(Method("ptq4sam", apply_ptq4sam, trains=True,
                 summary="PTQ4SAM: QDrop reconstruction + bimodal sign folding + log softmax quantizer (AGQ)"))
 
 __all__ = ["adopt_log_softmax_", "adopt_searched_taus_", "apply_ptq4sam", "collect_fp_statistics",

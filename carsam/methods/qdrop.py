@@ -42,7 +42,8 @@ def apply_qdrop(sam: Sam, calib: CocoBoxPrompts, config: RunConfig, context: Run
     return details
 
 
-register(Method("brecq", apply_brecq, summary="BRECQ: AdaRound block reconstruction, activations fixed"))
-register(Method("qdrop", apply_qdrop, summary="QDrop: AdaRound + LSQ activation steps + random drop (p=0.5)"))
+register(Method("brecq", apply_brecq, trains=True, summary="BRECQ: AdaRound block reconstruction, activations fixed"))
+register(Method("qdrop", apply_qdrop, trains=True,
+                summary="QDrop: AdaRound + LSQ activation steps + random drop (p=0.5)"))
 
 __all__ = ["apply_brecq", "apply_qdrop", "qdrop_recipe"]

@@ -3,7 +3,8 @@
 A method's `apply(sam, calib, config, context)` quantizes `sam` in place using the calibration set and
 returns the details worth recording (its settings, counts, per-unit losses). `quantized` says whether the
 evaluated model must have every quantizer in QUANTIZED mode (asserted before evaluation);
-`uses_model` is False only for the box-as-mask floor, which scores the prompt boxes themselves.
+`uses_model` is False only for the box-as-mask floor, which scores the prompt boxes themselves; `trains`
+(a reconstruction method) makes the run save its quantized model by default (`output.save_model`).
 `context` (`carsam.run_context.RunContext`) carries what the run lends the method: the stage-cache stores
 (image embeddings, prepared models) and whether to show progress; a method gets no other state.
 """
@@ -32,6 +33,7 @@ class Method:
     apply: ApplyFn
     quantized: bool = True
     uses_model: bool = True
+    trains: bool = False
     summary: str = ""
 
 
