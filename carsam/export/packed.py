@@ -89,10 +89,12 @@ def _activation_entries(sam: nn.Module, weight_quantizer_ids: set[int]) -> tuple
     for path, quantizer in iter_quantizers(sam):
         if id(quantizer) in weight_quantizer_ids or not quantizer.is_calibrated:
             continue
+        if not isinstance(quantizer, (LogQuantizer, UniformQuantizer)):
+            raise PackError(f"quantizer '{path}' ({type(quantizer).__name__}) has no packed form: finalize it first")
         tensors[f"{path}.scale"] = quantizer.scale.detach().float().cpu().contiguous()
         if isinstance(quantizer, LogQuantizer):
             described[path] = {"kind": "log", "bits": quantizer.bits, "tau": quantizer.tau}
-        elif isinstance(quantizer, UniformQuantizer):
+        else:
             tensors[f"{path}.zero_point"] = quantizer.zero_point.detach().to(torch.int32).cpu().contiguous()
             described[path] = {"kind": "uniform", "bits": quantizer.bits, "qmin": quantizer.qmin,
                                "qmax": quantizer.qmax, "axis": quantizer.ch_axis}
