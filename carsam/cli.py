@@ -80,6 +80,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 PACKED_FILE = "model_packed.safetensors"
+ONNX_FOLDER = "onnx"
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -89,6 +90,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     manifest = read_manifest(run_dir)
     sam = load_quantized(run_dir)
+    if args.format == "onnx":
+        from carsam.export.onnx_graph import export_onnx
+
+        folder = Path(args.out) if args.out else run_dir / ONNX_FOLDER
+        for name, graph in export_onnx(sam, folder).items():
+            print(f"{graph['file']}: {graph['bytes'] / 1e6:.2f} MB, {graph['quantize_linear']} QuantizeLinear, "
+                  f"{graph['dequantize_linear']} DequantizeLinear (opset 21, onnxruntime CPU)")
+        return 0
     out = Path(args.out) if args.out else run_dir / PACKED_FILE
     written = export_packed(sam, out, manifest["model"]["type"])
     fake_quant = (run_dir / MODEL_FILE).stat().st_size
@@ -279,13 +288,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a run's saved model as a packed low-bit artifact",
-                       description="Pack RUN_DIR's saved quantized model: integer weight codes (two 4-bit codes per "
-                                   "byte), scales and zero points, activation qparams, FP parts as fp16, in one "
-                                   "safetensors file with a JSON header (carsam.export.packed).")
+    p = sub.add_parser("export", help="write a run's saved model as a packed low-bit artifact or ONNX Q/DQ graphs",
+                       description="safetensors: RUN_DIR's saved quantized model as integer weight codes (two 4-bit "
+                                   "codes per byte), scales and zero points, activation qparams, FP parts as fp16, "
+                                   "with a JSON header (carsam.export.packed). onnx: decoder.onnx (prompt encoder + "
+                                   "mask decoder, image embeddings as input) and encoder.onnx, opset 21 with int4 "
+                                   "Q/DQ nodes (carsam.export.onnx_graph).")
     p.add_argument("run_dir", help="a run folder with model.safetensors and quantizers.json")
-    p.add_argument("--format", choices=["safetensors"], default="safetensors", help="the artifact's format")
-    p.add_argument("--out", default="", help=f"output file (default: RUN_DIR/{PACKED_FILE})")
+    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors", help="the artifact's format")
+    p.add_argument("--out", default="", help=f"output file (default: RUN_DIR/{PACKED_FILE}) or, for onnx, folder "
+                                             f"(default: RUN_DIR/{ONNX_FOLDER})")
     p.set_defaults(func=_cmd_export)
 
 

@@ -15,6 +15,7 @@ from carsam.models.sam import build_model
 from carsam.quant.logquant import LogQuantizer
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import assert_eval_ready, set_quant_mode
+from carsam.testbed.spec import TESTBED_CHECKPOINT
 from tests.helpers import decode_box, experiment, real_data_overrides
 
 
@@ -57,3 +58,13 @@ def carsam_run(tmp_path_factory, small_coco, random_testbed_checkpoint) -> Path:
     return runs / record.run_id
 
 
+
+@pytest.fixture(scope="module")
+def trained_carsam_run(tmp_path_factory, small_coco) -> Path:
+    """The same run on the shipped (trained) testbed, whose mask logits are mostly far from the threshold, as a
+    real model's are (a random model's sit near it, so any last-bit difference flips pixels)."""
+    runs = tmp_path_factory.mktemp("trained_runs")
+    record = pipeline.run(_config(runs, small_coco, TESTBED_CHECKPOINT, "carsam_w4a4.yaml", "recon.iters=10",
+                                  "diagnostics.enabled=false"))
+    assert record.status == "completed"
+    return runs / record.run_id
