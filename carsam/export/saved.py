@@ -199,6 +199,9 @@ def load_quantized(run_dir: str | Path) -> Sam:
             quantizer.set_qparams(tensors[f"{path}.scale"], tensors[f"{path}.zero_point"])
             quantizer.make_scale_learnable()
     sam.load_state_dict(tensors)
+    if structure_fingerprint(sam) != manifest.get("structure_sha256"):
+        raise SavedModelError(f"the model rebuilt for {run_dir} has another structure than the one saved (model type "
+                              f"'{manifest['model']['type']}'): it was saved by another model or testbed spec")
     for path, quantizer in iter_quantizers(sam):
         quantizer.path = path
         quantizer.mode = QuantMode(entries[path]["mode"])

@@ -54,6 +54,12 @@ def _corrupt_weights(run_dir: Path) -> None:
     (run_dir / MODEL_FILE).write_bytes(bytes(data))
 
 
+def _other_structure(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
+    manifest["structure_sha256"] = "0" * 64
+    (run_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
 def _other_model(run_dir: Path) -> None:
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
     manifest["model"]["type"] = "vit_b"
@@ -66,6 +72,7 @@ def _other_model(run_dir: Path) -> None:
     (lambda d: (d / MODEL_FILE).unlink(), "saved weights missing"),
     (_corrupt_weights, "does not match its manifest's SHA-256"),
     (_other_model, "fit model type 'vit_b'"),
+    (_other_structure, "another structure than the one saved"),
 ])
 def test_a_saved_model_that_does_not_fit_is_refused_with_one_line(tmp_path, quantized_testbed, damage, message):
     sam, _ = quantized_testbed
