@@ -256,8 +256,12 @@ def _quiet_lightning() -> Iterator[None]:
 
 def _result(stage: ReconstructionStage, seconds: float) -> ReconResult:
     curve = stage.curve()
-    logger.info("recon %s: %d steps in %.2fs, total loss %.4g -> %.4g", stage.unit.name, stage.step_index, seconds,
-                curve[TOTAL_KEY][0], curve[TOTAL_KEY][-1])
+    recon = [total - rounding for total, rounding in zip(curve[TOTAL_KEY], curve[ROUND_KEY])]
+    # the two apart: the regulariser counts only after the warm-up (and grows as beta falls), so their sum grows
+    # and reads as divergence while the reconstruction error falls
+    logger.info("recon %s: %d steps in %.2fs, reconstruction loss %.4g -> %.4g, rounding regulariser (weighted) "
+                "%.4g -> %.4g", stage.unit.name, stage.step_index, seconds, recon[0], recon[-1],
+                curve[ROUND_KEY][0], curve[ROUND_KEY][-1])
     return ReconResult(stage.unit.name, curve, stage.step_index, seconds)
 
 
