@@ -162,7 +162,7 @@ def table(args: argparse.Namespace) -> int:
                 delta = (part - base).dropna()
                 share = f"{100 * part.mean() / fp.mean():.0f}%" if len(part) and len(fp) else "—"
                 cells += [_cell(part) if len(part) else "—", share,
-                          "—" if row == "baseline" or delta.empty else _cell(delta)]
+                          "—" if row in ("baseline", "fp") or delta.empty else _cell(delta)]
                 n = max(n, len(part))
             lines.append(f"| {row} | " + " | ".join(cells) + f" | {n} |")
     print("\n".join(lines))
