@@ -26,6 +26,7 @@ def main() -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--data", default="data/testbed-seed0", help="a synthetic dataset folder")
+    parser.add_argument("--verbose", action="store_true", help="also print each image's encoder error")
     args = parser.parse_args()
     sam = load_quantized(args.run_dir)
     folder = Path(tempfile.mkdtemp())
@@ -53,6 +54,8 @@ def main() -> int:
         full_ort = sam.postprocess_masks(masks_ort, resized.shape[:2], image.shape[:2]) > 0
         counts += [int(((masks_ort > 0) == (masks > 0)).sum()), masks.numel(), int((full == full_ort).sum()),
                    full.numel()]
+    if args.verbose:
+        print("per-image encoder relative L2:", " ".join(f"{e:.2g}" for e in errors))
     print(f"images {len(errors)}: encoder relative L2 median {np.median(errors):.2g}, max {max(errors):.2g}, "
           f"{sum(e > 1e-5 for e in errors)} above 1e-5; masks agree {100 * counts[0] / counts[1]:.3f}% (low-res), "
           f"{100 * counts[2] / counts[3]:.3f}% (full-res)")
