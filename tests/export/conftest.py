@@ -68,3 +68,13 @@ def trained_carsam_run(tmp_path_factory, small_coco) -> Path:
                                   "diagnostics.enabled=false"))
     assert record.status == "completed"
     return runs / record.run_id
+
+
+@pytest.fixture(scope="module")
+def trained_rtn_w6a6_run(tmp_path_factory, small_coco) -> Path:
+    """RTN W6A6 on the shipped testbed, model saved: 6-bit grids in 8-bit Q/DQ types."""
+    runs = tmp_path_factory.mktemp("w6_runs")
+    record = pipeline.run(_config(runs, small_coco, TESTBED_CHECKPOINT, "rtn_w6a6.yaml", "output.save_model=true",
+                                  "diagnostics.enabled=false"))
+    assert record.status == "completed"
+    return runs / record.run_id
