@@ -85,7 +85,8 @@ def _skip_reason(trial: optuna.Trial, planned: int | None) -> str | None:
 
 def _run_trial(trial: optuna.Trial, space: SearchSpace, study_name: str, runs_dir: str,
                extra_overrides: list[str]) -> pipeline.RunRecord:
-    overrides = [f"tracking.group={study_name}", *space.overrides(trial), *extra_overrides]
+    # trials keep no model (a study of many would fill the disk; rerun the best one to keep it), unless asked
+    overrides = [f"tracking.group={study_name}", "output.save_model=false", *space.overrides(trial), *extra_overrides]
     twin = _completed_twin(trial)
     if twin is not None:
         trial.set_user_attr("skipped", f"duplicate of completed trial {twin}")
