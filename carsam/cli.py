@@ -38,15 +38,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _print_record(record: Any, runs_dir: str) -> None:
+    """The finished run's id, status and metrics, and where its record is."""
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
+    print(f"{record.run_id}  {record.status}  {metrics}")
+    print(f"record: {runs_dir}/{record.run_id}/record.json")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from carsam import pipeline
     from carsam.config import resolve
 
     config = resolve(args.experiment, args.overrides)
     record = pipeline.run(config, progress=not args.no_progress)
-    metrics = "  ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
-    print(f"{record.run_id}  {record.status}  {metrics}")
-    print(f"record: {config.runs_dir}/{record.run_id}/record.json")
+    _print_record(record, config.runs_dir)
     return 0
 
 
@@ -73,9 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     name = "+".join([source.name or source.method, "eval", *changes])
     config = resolve(run_dir / CONFIG_FILE, [f"name={name}", *args.overrides] if not named else args.overrides)
     record = pipeline.run(config, progress=not args.no_progress, saved=run_dir)
-    metrics = "  ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
-    print(f"{record.run_id}  {record.status}  {metrics}")
-    print(f"record: {config.runs_dir}/{record.run_id}/record.json")
+    _print_record(record, config.runs_dir)
     return 0
 
 

@@ -214,7 +214,7 @@ def _load_saved(config: RunConfig, saved: Path, record: RunRecord, device: torch
                               f"was quantized from ({manifest['model'].get('checkpoint')}, SHA-256 "
                               f"{str(manifest['model'].get('sha256'))[:12]}…): set model.checkpoint to that file")
     with _timed(record.timings, "build"):
-        sam = load_quantized(saved).to(device)
+        sam = load_quantized(saved, manifest).to(device)
         references = attach_fp_references_(sam, load_state_dict(record.model["checkpoint"]))
         check_finite_(sam, f"loading the saved model in {saved}")
         data = load_datasets(config.data, config.seed, calibrate=False)

@@ -25,6 +25,7 @@ its kind, bits and (log) tau. Activations stay fake-quantized at run time (no in
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,13 +128,13 @@ def packed_tensors(sam: nn.Module, model_type: str) -> tuple[dict[str, Tensor], 
                          "one_per_uint8" if quantizer.bits <= 8 else "int32"}
     activation_tensors, activations = _activation_entries(sam, weight_quantizer_ids)
     quantizer_paths = {path for path, _ in iter_quantizers(sam)}
-    for name, value in sam.state_dict().items():
-        if name in weights or not isinstance(value, Tensor) or name.rsplit(".", 1)[0] in quantizer_paths:
-            continue
-        tensors[name] = value.detach().half().cpu().contiguous() if value.is_floating_point() else value.cpu()
+    fp_parts = {name: value.detach().half().cpu().contiguous() if value.is_floating_point() else value.cpu()
+                for name, value in sam.state_dict().items()
+                if name not in weights and isinstance(value, Tensor) and name.rsplit(".", 1)[0] not in quantizer_paths}
+    tensors.update(fp_parts)
     tensors.update(activation_tensors)
     header = {"format": PACKED_FORMAT, "model_type": model_type, "zero_point_convention": ZERO_POINT_CONVENTION,
-              "fp_dtype": "float16", "weights": weights, "activations": activations}
+              "fp_dtype": "float16", "fp_entries": len(fp_parts), "weights": weights, "activations": activations}
     return tensors, header
 
 
@@ -145,9 +146,7 @@ def export_packed(sam: nn.Module, path: str | Path, model_type: str) -> dict[str
     replace_atomic(path, lambda tmp: tmp.write_bytes(payload))
     bits = sorted({w["bits"] for w in header["weights"].values()})
     return {"file": str(path), "bytes": Path(path).stat().st_size, "weights": len(header["weights"]),
-            "weight_bits": bits, "activations": len(header["activations"]),
-            "fp_entries": len(tensors) - 3 * len(header["weights"]) - sum(
-                1 + (a["kind"] == "uniform") for a in header["activations"].values())}
+            "weight_bits": bits, "activations": len(header["activations"]), "fp_entries": header["fp_entries"]}
 
 
 def read_packed_header(path: str | Path) -> dict[str, Any]:
@@ -169,10 +168,7 @@ def dequantize_packed(path: str | Path) -> dict[str, Tensor]:
     with safe_open(str(path), framework="pt") as handle:
         for name, entry in weights.items():
             shape = tuple(entry["shape"])
-            numel = 1
-            for size in shape:
-                numel *= size
-            codes = unpack_codes(handle.get_tensor(f"{name}.codes"), entry["bits"], numel) + entry["qmin"]
+            codes = unpack_codes(handle.get_tensor(f"{name}.codes"), entry["bits"], math.prod(shape)) + entry["qmin"]
             out[name] = dequantize_codes(codes.reshape(shape), handle.get_tensor(f"{name}.scale"),
                                          handle.get_tensor(f"{name}.zero_point"), entry["axis"])
     return out

@@ -168,14 +168,14 @@ def _rebuild_structure(manifest: Mapping[str, Any]) -> Sam:
     return sam
 
 
-def load_quantized(run_dir: str | Path) -> Sam:
+def load_quantized(run_dir: str | Path, manifest: Mapping[str, Any] | None = None) -> Sam:
     """The quantized SAM saved in `run_dir`, ready to evaluate (eval mode, quantizers as saved; module docstring).
 
     Raises `SavedModelError` (one line saying what to fix) when the files are missing, corrupt, or of another
-    model or testbed spec.
+    model or testbed spec. `manifest`: the folder's manifest when the caller has read it already.
     """
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
+    manifest = read_manifest(run_dir) if manifest is None else manifest
     tensors = _load_tensors(run_dir, manifest)
     sam = _rebuild_structure(manifest)
     entries: Mapping[str, Mapping[str, Any]] = manifest["quantizers"]
