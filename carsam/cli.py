@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from carsam.config import ConfigError
 from carsam.data.coco import DatasetError
+from carsam.data.synthetic import FAMILIES as SYNTHETIC_FAMILIES
 from carsam.export.packed import PackError
 from carsam.methods.calibrate import CalibrationError
 from carsam.models.checkpoint import CheckpointError
@@ -226,8 +227,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_testbed_data(args: argparse.Namespace) -> int:
     from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 
-    root = ensure_dataset(SyntheticSpec(seed=args.seed), dataset_dir(args.root, args.seed), tuple(args.splits))
-    print(f"synthetic dataset (seed {args.seed}, splits {', '.join(args.splits)}) in {root}")
+    spec = SyntheticSpec.for_family(args.family, args.seed)
+    root = ensure_dataset(spec, dataset_dir(args.root, spec.seed, spec.family), tuple(args.splits))
+    print(f"synthetic dataset ({spec.family}, seed {spec.seed}, splits {', '.join(args.splits)}) in {root}")
     return 0
 
 
@@ -262,7 +264,8 @@ def _cmd_testbed_build(args: argparse.Namespace) -> int:
 
     recipe = _recipe_overrides(args.train)
     try:
-        card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out, recipe=recipe)
+        card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out, recipe=recipe,
+                             family=args.family)
     except TrainingStateError as err:  # OUT/train_state.pt was saved by another recipe
         raise ConfigError(str(err)) from err
     print(f"testbed checkpoint: {args.out}/{card['checkpoint']}  train time {card['train_seconds']:.0f}s  "
@@ -391,7 +394,10 @@ def _add_testbed(sub: argparse._SubParsersAction) -> None:
     d = tsub.add_parser("data", help="generate the synthetic dataset (deterministic by seed)",
                         description="Write images, instances_<split>.json and prompts_<split>.json.")
     d.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    d.add_argument("--root", default="data", help="parent folder (default data); writes ROOT/testbed-seedN")
+    d.add_argument("--root", default="data", help="parent folder (default data); writes ROOT/testbed-seedN "
+                   "(ROOT/testbed-FAMILY-seedN for a family other than shapes)")
+    d.add_argument("--family", default="shapes", choices=sorted(SYNTHETIC_FAMILIES),
+                   help="shape family (default shapes, the testbed's)")
     d.add_argument("--splits", nargs="+", default=["train", "calib", "val"], choices=["train", "calib", "val"])
     d.set_defaults(func=_cmd_testbed_data)
     b = tsub.add_parser("build", help="generate the data and train the testbed SAM (about an hour on 2 cores)",
@@ -400,6 +406,8 @@ def _add_testbed(sub: argparse._SubParsersAction) -> None:
                         "OUT/train_state.pt as it goes; the same command resumes an interrupted build.")
     b.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
     b.add_argument("--root", default="data", help="data parent folder (default data)")
+    b.add_argument("--family", default="shapes", choices=sorted(SYNTHETIC_FAMILIES),
+                   help="shape family of the training data (default shapes, the testbed's)")
     b.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the recipe's)")
     b.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="training recipe fields (TrainSpec), "
                    "e.g. decay_scope=matrices embedding_lr_scale=10 token_init_std=4 (default: v1's recipe)")

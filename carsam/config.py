@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import yaml
 
 from carsam.data.coco import PROMPT_SOURCES
+from carsam.data.synthetic import FAMILIES as SYNTHETIC_FAMILIES
 from carsam.diagnostics.collector import SCOPES as COLLECTOR_SCOPES
 from carsam.methods.mac import ORDERS as MAC_ORDERS
 from carsam.methods.mac import SOLVERS as MAC_SOLVERS
@@ -63,13 +64,14 @@ class ModelConfig:
 class DataConfig:
     """Evaluation and calibration data.
 
-    Testbed (`images` empty): the synthetic dataset of seed `synthetic_seed`, generated under
-    `synthetic_root` on first use. Real path: `images`, `annotations`, `prompts` (detector boxes in
+    Testbed (`images` empty): the synthetic dataset of family `synthetic_family` and seed `synthetic_seed`,
+    generated under `synthetic_root` on first use. Real path: `images`, `annotations`, `prompts` (detector boxes in
     COCO results format) for evaluation and `calib_images`, `calib_annotations` for calibration
     (prompted by their GT boxes unless `calib_prompts` is given).
     """
 
     synthetic_seed: int = 0
+    synthetic_family: str = "shapes"
     synthetic_root: str = "data"
     images: str = ""
     annotations: str = ""
@@ -84,6 +86,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.prompt_source not in PROMPT_SOURCES:
             raise ConfigError(f"data.prompt_source must be one of {PROMPT_SOURCES}, got '{self.prompt_source}'")
+        if self.synthetic_family not in SYNTHETIC_FAMILIES:
+            raise ConfigError(f"data.synthetic_family must be one of {sorted(SYNTHETIC_FAMILIES)}, "
+                              f"got '{self.synthetic_family}'")
         if self.calib_size < 1:
             raise ConfigError(f"data.calib_size must be >= 1, got {self.calib_size}")
         if self.max_val_images < 0:

@@ -79,8 +79,8 @@ _Paths = tuple[Path, Path, Path | None]  # images, annotations, prompts (None: n
 def _dataset_paths(data: DataConfig) -> tuple[_Paths, _Paths]:
     """The (val, calib) paths; the testbed's synthetic dataset is generated on first use."""
     if data.is_synthetic:
-        root = ensure_dataset(SyntheticSpec(seed=data.synthetic_seed), dataset_dir(data.synthetic_root,
-                                                                                    data.synthetic_seed))
+        spec = SyntheticSpec.for_family(data.synthetic_family, data.synthetic_seed)
+        root = ensure_dataset(spec, dataset_dir(data.synthetic_root, spec.seed, spec.family))
         return ((root / "images" / "val", root / "instances_val.json", root / "prompts_val.json"),
                 (root / "images" / "calib", root / "instances_calib.json", None))
     return ((Path(data.images), Path(data.annotations), Path(data.prompts) if data.prompts else None),

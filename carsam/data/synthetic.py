@@ -25,15 +25,37 @@ from carsam.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-CATEGORIES = ("disc", "square", "triangle", "ellipse", "ring", "cross")
 SPLITS = ("train", "calib", "val")
 
 
 @dataclasses.dataclass(frozen=True)
+class Family:
+    """A family of synthetic datasets: its shape categories and their size (a fraction of the image's short
+    side). `SyntheticSpec.for_family` adds the family's image sizes and instance counts."""
+
+    categories: tuple[str, ...]
+    size_range: tuple[float, float]
+
+
+# `shapes` is the testbed's family (v1 and v2 were trained on it); `glyphs` is a second family with other
+# shapes, larger images and more instances per image, for checking that a conclusion is not tuned to one
+# dataset.
+FAMILIES = {
+    "shapes": Family(("disc", "square", "triangle", "ellipse", "ring", "cross"), (0.12, 0.32)),
+    "glyphs": Family(("star", "hexagon", "crescent", "capsule", "chevron", "ell"), (0.10, 0.30)),
+}
+CATEGORIES = FAMILIES["shapes"].categories
+# A family's image sizes and instance counts: (min_side, max_side, max_instances).
+_FAMILY_IMAGES = {"shapes": (96, 160, 6), "glyphs": (112, 176, 8)}
+
+
+@dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
-    """What to generate. Sizes are in pixels; counts per split."""
+    """What to generate. Sizes are in pixels; counts per split. `family` names the shape family
+    (`FAMILIES`); `for_family` gives a family's own image sizes and instance counts."""
 
     seed: int = 0
+    family: str = "shapes"
     num_images: tuple[tuple[str, int], ...] = (("train", 4000), ("calib", 64), ("val", 250))
     min_side: int = 96
     max_side: int = 160
@@ -43,6 +65,22 @@ class SyntheticSpec:
     miss_rate: float = 0.08
     false_positive_rate: float = 0.4
     box_jitter: float = 0.06
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown synthetic family '{self.family}'; choose one of {sorted(FAMILIES)}")
+
+    @classmethod
+    def for_family(cls, family: str, seed: int) -> SyntheticSpec:
+        """The spec of `family`'s datasets at `seed`: its image sizes and instance counts, the rest default."""
+        if family not in FAMILIES:
+            raise ValueError(f"unknown synthetic family '{family}'; choose one of {sorted(FAMILIES)}")
+        min_side, max_side, max_instances = _FAMILY_IMAGES[family]
+        return cls(seed=seed, family=family, min_side=min_side, max_side=max_side, max_instances=max_instances)
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return FAMILIES[self.family].categories
 
     def count(self, split: str) -> int:
         return dict(self.num_images)[split]
@@ -86,33 +124,66 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img + rng.normal(0, 6, size=(h, w, 3)).astype(np.float32)
 
 
-def _shape_mask(rng: np.random.Generator, category: int, h: int, w: int) -> np.ndarray:
-    """A boolean (h, w) mask of one shape of `category` at a random pose and size."""
-    size = rng.uniform(0.12, 0.32) * min(h, w)
+def _triangle(u: np.ndarray, v: np.ndarray, size: float) -> np.ndarray:
+    """An equilateral triangle: three half-planes."""
+    inside = np.ones(u.shape, dtype=bool)
+    for k in range(3):
+        a = 2 * np.pi * k / 3
+        inside &= u * np.cos(a) + v * np.sin(a) <= 0.6 * size
+    return inside
+
+
+def _hexagon(u: np.ndarray, v: np.ndarray, size: float) -> np.ndarray:
+    """A regular hexagon: three slabs at 60 degrees."""
+    inside = np.ones(u.shape, dtype=bool)
+    for k in range(3):
+        a = np.pi * k / 3
+        inside &= np.abs(u * np.cos(a) + v * np.sin(a)) <= 0.8 * size
+    return inside
+
+
+def _capsule(u: np.ndarray, v: np.ndarray, size: float) -> np.ndarray:
+    """A stadium: points within 0.35 * size of a segment of length 1.3 * size."""
+    along = np.clip(u, -0.65 * size, 0.65 * size)
+    return (u - along) ** 2 + v**2 <= (0.35 * size) ** 2
+
+
+def _ell(u: np.ndarray, v: np.ndarray, size: float) -> np.ndarray:
+    """An L: a horizontal and a vertical bar sharing a corner."""
+    bar = (np.abs(u) <= 0.8 * size) & (v >= 0.35 * size) & (v <= 0.8 * size)
+    post = (u >= -0.8 * size) & (u <= -0.35 * size) & (np.abs(v) <= 0.8 * size)
+    return bar | post
+
+
+# Each shape is a boolean function of the pose's rotated coordinates (u, v) (pixels from the centre) and
+# a size in pixels. A family draws its categories from this table.
+_SHAPES = {
+    "disc": lambda u, v, s: u**2 + v**2 <= s**2,
+    "square": lambda u, v, s: (np.abs(u) <= s * 0.85) & (np.abs(v) <= s * 0.85),
+    "triangle": _triangle,
+    "ellipse": lambda u, v, s: (u / s) ** 2 + (v / (0.45 * s)) ** 2 <= 1,
+    "ring": lambda u, v, s: (u**2 + v**2 <= s**2) & (u**2 + v**2 >= (0.55 * s) ** 2),
+    "cross": lambda u, v, s: (((np.abs(u) <= s) & (np.abs(v) <= 0.3 * s))
+                              | ((np.abs(v) <= s) & (np.abs(u) <= 0.3 * s))),
+    "star": lambda u, v, s: np.hypot(u, v) <= s * (0.6 + 0.4 * np.cos(5 * np.arctan2(v, u))),
+    "hexagon": _hexagon,
+    "crescent": lambda u, v, s: (u**2 + v**2 <= s**2) & ((u - 0.45 * s) ** 2 + v**2 > (0.8 * s) ** 2),
+    "capsule": _capsule,
+    "chevron": lambda u, v, s: ((u - 0.9 * np.abs(v) >= -0.35 * s) & (u - 0.9 * np.abs(v) <= 0.1 * s)
+                                & (np.abs(v) <= 0.9 * s)),
+    "ell": _ell,
+}
+
+
+def _shape_mask(rng: np.random.Generator, name: str, family: Family, h: int, w: int) -> np.ndarray:
+    """A boolean (h, w) mask of one shape `name` at a random pose and a size drawn from `family`."""
+    size = rng.uniform(*family.size_range) * min(h, w)
     cy, cx = rng.uniform(0.1 * h, 0.9 * h), rng.uniform(0.1 * w, 0.9 * w)
     theta = rng.uniform(0, np.pi)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
     v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
-    name = CATEGORIES[category]
-    if name == "disc":
-        return u**2 + v**2 <= size**2
-    if name == "square":
-        return (np.abs(u) <= size * 0.85) & (np.abs(v) <= size * 0.85)
-    if name == "ellipse":
-        return (u / size) ** 2 + (v / (0.45 * size)) ** 2 <= 1
-    if name == "ring":
-        r2 = u**2 + v**2
-        return (r2 <= size**2) & (r2 >= (0.55 * size) ** 2)
-    if name == "cross":
-        arm = 0.3 * size
-        return ((np.abs(u) <= size) & (np.abs(v) <= arm)) | ((np.abs(v) <= size) & (np.abs(u) <= arm))
-    # triangle: three half-planes of an equilateral triangle
-    inside = np.ones((h, w), dtype=bool)
-    for k in range(3):
-        a = 2 * np.pi * k / 3
-        inside &= u * np.cos(a) + v * np.sin(a) <= 0.6 * size
-    return inside
+    return _SHAPES[name](u, v, size)
 
 
 def render_image(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.ndarray, list[Instance]]:
@@ -126,8 +197,8 @@ def render_image(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[np.ndar
     canvas = _texture(rng, h, w) * (0.7 + 0.6 * _smooth_noise(rng, h, w, 2)[..., None])
     drawn: list[tuple[int, int, np.ndarray]] = []  # (category, drawn area, visible mask)
     for _ in range(int(rng.integers(1, spec.max_instances + 1))):
-        category = int(rng.integers(len(CATEGORIES)))
-        full = _shape_mask(rng, category, h, w)
+        category = int(rng.integers(len(spec.categories)))
+        full = _shape_mask(rng, spec.categories[category], FAMILIES[spec.family], h, w)
         if full.sum() < spec.min_area:
             continue
         canvas[full] = _texture(rng, h, w)[full]
@@ -187,12 +258,12 @@ def detector_prompts(rng: np.random.Generator, image_id: int, gt: list[dict], h:
             continue
         box = jitter_box(rng, ann["bbox"], spec.box_jitter, h, w)
         score = float(np.clip(0.25 + 0.7 * _box_iou_xywh(box, ann["bbox"]) + rng.normal(0, 0.08), 0.05, 0.99))
-        cat = ann["category_id"] if rng.random() < 0.95 else int(rng.integers(1, len(CATEGORIES) + 1))
+        cat = ann["category_id"] if rng.random() < 0.95 else int(rng.integers(1, len(spec.categories) + 1))
         dets.append({"image_id": image_id, "category_id": int(cat), "bbox": box, "score": round(score, 4)})
     for _ in range(int(rng.poisson(spec.false_positive_rate))):
         bw, bh = rng.uniform(0.1, 0.4, size=2) * np.array([w, h])
         x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-        dets.append({"image_id": image_id, "category_id": int(rng.integers(1, len(CATEGORIES) + 1)),
+        dets.append({"image_id": image_id, "category_id": int(rng.integers(1, len(spec.categories) + 1)),
                      "bbox": [round(float(v), 2) for v in (x0, y0, bw, bh)],
                      "score": round(float(rng.uniform(0.05, 0.5)), 4)})
     return dets
@@ -202,9 +273,10 @@ def _write_json(path: Path, obj: object) -> None:
     write_text_atomic(path, json.dumps(obj))
 
 
-def dataset_dir(parent: str | Path, seed: int) -> Path:
-    """The folder of the synthetic dataset of `seed` under `parent` (`parent/testbed-seed<seed>`)."""
-    return Path(parent) / f"testbed-seed{seed}"
+def dataset_dir(parent: str | Path, seed: int, family: str = "shapes") -> Path:
+    """The folder of the synthetic dataset of `seed` under `parent`: `parent/testbed-seed<seed>` for the
+    testbed's own family, `parent/testbed-<family>-seed<seed>` for another."""
+    return Path(parent) / (f"testbed-seed{seed}" if family == "shapes" else f"testbed-{family}-seed{seed}")
 
 
 def generate_split(spec: SyntheticSpec, split: str, root: str | Path) -> dict[str, Path]:
@@ -230,10 +302,13 @@ def generate_split(spec: SyntheticSpec, split: str, root: str | Path) -> dict[st
                "bbox": bbox_xywh(inst.mask), "iscrowd": 0} for k, inst in enumerate(instances)]
         annotations.extend(gt)
         prompts.extend(detector_prompts(rng, image_id, gt, h, w, spec))
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)]
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(spec.categories)]
+    info = {"description": "carsam synthetic", "seed": spec.seed}
+    if spec.family != "shapes":  # the testbed family's files keep the bytes they had before families existed
+        info["family"] = spec.family
     paths = {"images": image_dir, "annotations": root / f"instances_{split}.json"}
     _write_json(paths["annotations"], {"images": images, "annotations": annotations, "categories": categories,
-                                       "info": {"description": "carsam synthetic", "seed": spec.seed}})
+                                       "info": info})
     if split != "train":
         paths["prompts"] = root / f"prompts_{split}.json"
         _write_json(paths["prompts"], prompts)

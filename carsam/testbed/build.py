@@ -71,8 +71,9 @@ def publish(sam: Sam, out_dir: Path, root: Path, data_spec: SyntheticSpec, train
 
 
 def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | None = None,
-                  out_dir: str | Path = "build/testbed", recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Generate the data of `seed`, train, and write `testbed_sam.pth` + `testbed.json` into `out_dir`.
+                  out_dir: str | Path = "build/testbed", recipe: dict[str, Any] | None = None,
+                  family: str = "shapes") -> dict[str, Any]:
+    """Generate the data of `family` and `seed`, train, and write `testbed_sam.pth` + `testbed.json` into `out_dir`.
 
     `recipe` overrides `TrainSpec` fields (e.g. `{"decay_scope": "matrices"}`); `steps` overrides its steps.
     The training state is kept in `out_dir/train_state.pt` every `checkpoint_every` steps, so an interrupted
@@ -85,8 +86,8 @@ def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | No
     unknown = sorted(set(recipe or {}) - fields)
     if unknown:
         raise ValueError(f"unknown training field(s) {unknown}; valid: {sorted(fields)}")
-    data_spec = SyntheticSpec(seed=seed)
-    root = ensure_dataset(data_spec, dataset_dir(data_root, seed), ("train", "calib", "val"))
+    data_spec = SyntheticSpec.for_family(family, seed)
+    root = ensure_dataset(data_spec, dataset_dir(data_root, seed, family), ("train", "calib", "val"))
     train_spec = TrainSpec(seed=seed, **{**(recipe or {}), **({"steps": steps} if steps else {})})
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
