@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from carsam.quant.fused import fused_fake_quantize
 from carsam.quant.observers import OBSERVERS, Observer, build_observer
 from carsam.quant.primitives import SYMMETRIC_SCALES, fake_quantize, integer_range, qparams_from_range, validate_bits
 
@@ -97,10 +98,17 @@ class QuantizerBase(nn.Module):
         Active only in training mode with `quant_prob < 1`; otherwise returns `x_q` unchanged. Draws use
         the global RNG (seeded by the caller, like dropout).
         """
+        keep = self.qdrop_keep(x)
+        return x_q if keep is None else torch.where(keep, x_q, x)
+
+    def qdrop_keep(self, x: Tensor, as_float: bool = False) -> Tensor | None:
+        """QDrop's draw for `x`: a mask of `x`'s shape, True (or 1.0 with `as_float`, in float32) where the
+        quantized value is kept, or None when QDrop is inactive (eval mode, or `quant_prob == 1`). Both forms
+        come from the same draw of the global RNG."""
         if not self.training or self._quant_prob >= 1.0:
-            return x_q
-        keep = torch.rand_like(x, dtype=torch.float32) < self._quant_prob
-        return torch.where(keep, x_q, x)
+            return None
+        draw = torch.rand_like(x, dtype=torch.float32)
+        return draw.lt_(self._quant_prob) if as_float else draw < self._quant_prob
 
     def eval_problems(self) -> list[str]:
         """Why this quantizer is not ready for evaluation (empty when it is)."""
@@ -147,7 +155,8 @@ class UniformQuantizer(ObservingQuantizer):
 
     Buffers `scale` and `zero_point` are empty until calibrated, then shape `()` per tensor or `(C,)`
     per channel; loading a state dict resizes them, so a calibrated checkpoint loads into a fresh one.
-    `quant_prob` (QDrop, see the module docstring) defaults to 1.0.
+    `quant_prob` (QDrop, see the module docstring) defaults to 1.0. `fused` (default True) computes the
+    fake quantization with `carsam.quant.fused.fused_fake_quantize`; False uses the reference composite.
     """
 
     zero_point: Tensor
@@ -171,6 +180,7 @@ class UniformQuantizer(ObservingQuantizer):
         self.observer = build_observer(observer, **self._observer_kwargs(observer, observer_kwargs))
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
+        self.fused = True  # `fused_fake_quantize` (False: the reference `fake_quantize`; same values, slower)
 
     def _observer_kwargs(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = {"ch_axis": self.ch_axis, **kwargs}
@@ -184,7 +194,8 @@ class UniformQuantizer(ObservingQuantizer):
         the same shape and dtype.
 
         FP: `x`; CALIBRATE: observe `x` (per channel: statistics per index of `ch_axis`), return it;
-        QUANTIZED: `fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis)` with `scale`/`zero_point` of
+        QUANTIZED: `fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis)` (computed by
+        `fused_fake_quantize`, equal to it bit for bit) with `scale`/`zero_point` of
         shape `()` per tensor or `(C,)`, `C = x.shape[ch_axis]`, per channel (broadcast along `ch_axis`),
         QDrop-mixed with `x` in training mode when `quant_prob < 1`. Raises RuntimeError in QUANTIZED
         mode before calibration."""
@@ -196,8 +207,11 @@ class UniformQuantizer(ObservingQuantizer):
         if not self.is_calibrated:
             raise RuntimeError(f"quantizer '{self.path or self.extra_repr()}' is in QUANTIZED mode but was "
                                "never calibrated: calibrate it (CALIBRATE mode + data, or set_qparams) first")
-        x_q = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
-        return self.qdrop(x, x_q)
+        if not self.fused:  # the reference composite, kept for benchmarks and debugging
+            x_q = fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis)
+            return self.qdrop(x, x_q)
+        return fused_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.ch_axis,
+                                   self.qdrop_keep(x, as_float=True))
 
     def finalize_calibration(self) -> None:
         """Set `scale`/`zero_point` from the observer's range, then reset the observer (frees its data)."""
