@@ -5,7 +5,7 @@
   `source` of every `SamBoxPredictor` the run builds; None runs the encoder on every pass.
 - `prepared`: the on-disk store of PTQ4SAM's prepared model and of reconstructed encoder units
   (`carsam.cache.prepared.PreparedStore`); None prepares and reconstructs from scratch.
-- `progress`: show progress bars (evaluation, calibration).
+- `progress`: show progress bars (evaluation, calibration, reconstruction: `carsam.recon.progress`; on a TTY only).
 
 `RunContext()` (no stores) is what library callers and tests use: it computes everything.
 """

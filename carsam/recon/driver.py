@@ -60,6 +60,7 @@ from carsam.quant.quantizers import QuantizerBase, UniformQuantizer, iter_quanti
 from carsam.quant.state import assert_eval_ready, set_quant_prob
 from carsam.recon.block_io import BlockIO, capture_block_io
 from carsam.recon.interference import FpTraces, boundary_errors
+from carsam.recon.progress import ReconProgress
 from carsam.recon.stage import ReconResult, ReconSettings, reconstruct_unit
 from carsam.recon.units import ReconUnit, find_units
 from carsam.run_context import RunContext
@@ -185,21 +186,29 @@ def unit_record(unit: ReconUnit, result: ReconResult, counts: dict[str, int], bl
 
 def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, recon: ReconConfig,
                                recipe: UnitRecipe, settings_for: SettingsFor | None = None,
-                               source: EmbeddingSource | None = None) -> dict[str, Any] | None:
+                               source: EmbeddingSource | None = None,
+                               progress: ReconProgress | None = None) -> dict[str, Any] | None:
     """Steps 1-5 of the module docstring for one unit; None (and a log line) if it has nothing quantized.
 
     settings_for: the unit's stage settings from the unit and its block I/O (None: `ReconSettings.from_config(recon)`);
-    source: where the block-I/O passes get image embeddings (the run's embedding store; None: encode).
+    source: where the block-I/O passes get image embeddings (the run's embedding store; None: encode);
+    progress: the run's progress bars (None: none).
     """
     module = unit.module(sam)
     if not has_work(module, recipe):
         logger.info("recon %s: no quantized weight, skipped", unit.name)
+        if progress is not None:
+            progress.skip()
         return None
     set_soft_rounding(sam, False)
     block_io = capture_block_io(sam, unit, calib, inputs=recon.inputs, source=source)
     counts = prepare_unit_(module, recipe)
     settings = ReconSettings.from_config(recon) if settings_for is None else settings_for(unit, block_io)
-    result = reconstruct_unit(sam, unit, block_io, settings)
+    if progress is None:
+        result = reconstruct_unit(sam, unit, block_io, settings)
+    else:
+        with progress.unit(unit.name, settings.iters) as on_step:
+            result = reconstruct_unit(sam, unit, block_io, settings, on_step)
     set_soft_rounding(module, False)
     set_quant_prob(module, 1.0)
     check_finite_(module, f"reconstruction of unit {unit.name}")
@@ -235,17 +244,18 @@ def interference_entry(sam: nn.Module, calib: CocoBoxPrompts, after: str, images
 def reconstruct_units_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
                        units: list[ReconUnit], settings_for: SettingsFor | None = None,
                        interference: list[dict[str, Any]] | None = None, interference_images: int = 4,
-                       source: EmbeddingSource | None = None) -> list[dict[str, Any]]:
+                       source: EmbeddingSource | None = None,
+                       progress: ReconProgress | None = None) -> list[dict[str, Any]]:
     """Reconstruct `units` in order (`reconstruct_unit_in_model_`); returns their records. With an
     `interference` list, the per-step errors are appended before the first unit (if the list is empty)
-    and after each reconstructed one. `source`: see `reconstruct_unit_in_model_`."""
+    and after each reconstructed one. `source`, `progress`: see `reconstruct_unit_in_model_`."""
     records: list[dict[str, Any]] = []
     fp_traces = FpTraces()
     for unit in units:
         if interference is not None and not interference:
             interference.append(interference_entry(sam, calib, INTERFERENCE_START, interference_images, fp_traces,
                                                    source))
-        record = reconstruct_unit_in_model_(sam, unit, calib, recon, recipe, settings_for, source)
+        record = reconstruct_unit_in_model_(sam, unit, calib, recon, recipe, settings_for, source, progress)
         if record is not None:
             records.append(record)
             if interference is not None:
@@ -277,20 +287,26 @@ def encoder_stage_fields(sam: Sam, recon: ReconConfig, recipe: UnitRecipe,
 
 
 def reconstruct_encoder_units_(sam: Sam, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
-                               units: list[ReconUnit], context: RunContext) -> list[dict[str, Any]]:
+                               units: list[ReconUnit], context: RunContext,
+                               progress: ReconProgress | None = None) -> list[dict[str, Any]]:
     """`reconstruct_units_` on the image-encoder units, through the run's prepared-model store when it has
     one (`context.prepared`, `carsam.cache.prepared`: restored when the encoder, settings, recipe,
     calibration set, code and RNG state are those of a stored reconstruction). Their records carry
     `"cached": True` when restored."""
     store, source = context.prepared, context.embeddings
     if store is None or not any(has_work(unit.module(sam), recipe) for unit in units):
-        return reconstruct_units_(sam, calib, recon, recipe, units, source=source)
+        return reconstruct_units_(sam, calib, recon, recipe, units, source=source, progress=progress)
     stored, restored = store.prepare(sam, calib, "recon_encoder", encoder_stage_fields(sam, recon, recipe, units),
                                      lambda: {"units": reconstruct_units_(sam, calib, recon, recipe, units,
-                                                                          source=source)},
+                                                                          source=source, progress=progress)},
                                      lambda details: rebuild_reconstructed_(sam, units, recipe, details["units"]),
                                      scope=sam.image_encoder)
-    return [{**r, "cached": True} for r in stored["units"]] if restored else stored["units"]
+    if not restored:
+        return stored["units"]
+    for _ in units:
+        if progress is not None:
+            progress.skip()
+    return [{**r, "cached": True} for r in stored["units"]]
 
 
 def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig, recipe: UnitRecipe,
@@ -314,11 +330,15 @@ def reconstruct_model_(sam: nn.Module, calib: CocoBoxPrompts, recon: ReconConfig
     if units[:len(encoder_units)] != encoder_units:
         raise ValueError("the image-encoder units must come before the decoder units")
     start = time.perf_counter()
-    records = reconstruct_encoder_units_(sam, calib, recon, recipe, encoder_units, context)
-    interference: list[dict[str, Any]] = []
-    records += reconstruct_units_(sam, calib, recon, recipe, units[len(encoder_units):], settings_for,
-                                  interference if track_interference else None, interference_images,
-                                  context.embeddings)
+    progress = ReconProgress(len(units), context.progress)
+    try:
+        records = reconstruct_encoder_units_(sam, calib, recon, recipe, encoder_units, context, progress)
+        interference: list[dict[str, Any]] = []
+        records += reconstruct_units_(sam, calib, recon, recipe, units[len(encoder_units):], settings_for,
+                                      interference if track_interference else None, interference_images,
+                                      context.embeddings, progress)
+    finally:
+        progress.close()
     baked = finish_(sam)
     seconds = time.perf_counter() - start
     logger.info("reconstructed %d units (%d layers baked) in %.1fs", len(records), baked, seconds)

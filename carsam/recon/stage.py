@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -130,9 +130,11 @@ class ReconstructionStage(LightningModule):
         unit: what the module is (streams, how to call it).
         block_io: the unit's captured inputs and FP targets.
         settings: the hyper-parameters.
+        on_step: called after every optimisation step (a progress bar's update), or None.
     """
 
-    def __init__(self, module: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings) -> None:
+    def __init__(self, module: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings,
+                 on_step: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.unit_module = module
@@ -142,6 +144,7 @@ class ReconstructionStage(LightningModule):
         self.scales = learnable_scales(module)
         self.stream_weights = dict(settings.stream_weights)
         self.step_index = 0
+        self.on_step = on_step
         self._history: list[Tensor] = []
         if not self.adarounds and not self.scales:
             raise ValueError(f"unit '{unit.name}' has nothing to optimise (no AdaRound layer, no learnable scale)")
@@ -190,6 +193,8 @@ class ReconstructionStage(LightningModule):
         scheduler.step()
         self._history.append(torch.stack([losses[k].detach() for k in self.curve_keys]))
         self.step_index += 1
+        if self.on_step is not None:
+            self.on_step()
         return losses[TOTAL_KEY]
 
     def training_step(self, batch: UnitSample, batch_idx: int) -> Tensor:
@@ -274,15 +279,17 @@ def _lean_trainer(device: torch.device, iters: int) -> Trainer:
                    num_sanity_val_steps=0, limit_val_batches=0)
 
 
-def reconstruct_unit(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings) -> ReconResult:
+def reconstruct_unit(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings,
+                     on_step: Callable[[], None] | None = None) -> ReconResult:
     """Reconstruct `unit` of `sam` in place with a lean Lightning Trainer, on the device the unit is on.
 
     No checkpointing, logger, progress bar, model summary or validation; `max_steps = settings.iters`.
+    `on_step` is called after every step (carsam's own progress bar, `carsam.recon.progress`).
     The unit is put back on its device and in its train/eval mode afterwards.
     """
     module = unit.module(sam)
     device = _device_of(module)
-    stage = ReconstructionStage(module, unit, block_io, settings)
+    stage = ReconstructionStage(module, unit, block_io, settings, on_step)
     loader = _Samples(block_io, block_io.order(settings.iters, settings.seed))
     with _quiet_lightning(), _training(module, device, stage.trainable(), settings.seed):
         start = time.perf_counter()
@@ -293,11 +300,12 @@ def reconstruct_unit(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, setting
     return _result(stage, seconds)
 
 
-def reconstruct_unit_plain(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings) -> ReconResult:
+def reconstruct_unit_plain(sam: nn.Module, unit: ReconUnit, block_io: BlockIO, settings: ReconSettings,
+                           on_step: Callable[[], None] | None = None) -> ReconResult:
     """The same reconstruction as `reconstruct_unit`, driven by a plain torch loop (the overhead reference)."""
     module = unit.module(sam)
     device = _device_of(module)
-    stage = ReconstructionStage(module, unit, block_io, settings)
+    stage = ReconstructionStage(module, unit, block_io, settings, on_step)
     config = stage.configure_optimizers()
     order = block_io.order(settings.iters, settings.seed)
     with _training(module, device, stage.trainable(), settings.seed):
