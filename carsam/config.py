@@ -125,6 +125,7 @@ class DataConfig:
 RECON_GROUPINGS = DECODER_GROUPINGS
 RECON_ENCODER_GROUPINGS = (*ENCODER_GROUPINGS, "none")  # none: encoder weights keep their RTN rounding
 RECON_INPUTS = INPUT_SOURCES
+RECON_CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,11 @@ class ReconConfig:
     quantized model, as BRECQ/QDrop do). `agq_encoder`: also give the image-encoder attentions AGQ's log quantizer
     (ptq4sam and carsam; on by default, as PTQ4SAM's code; off: the decoder's only). `track_interference`: after
     each decoder unit, record the quantized model's queries/keys error at every decoder step on
-    `interference_images` calibration images (the oscillation diagnostic).
+    `interference_images` calibration images (the oscillation diagnostic). Memory: `max_boxes_per_step` caps the
+    boxes of one block-I/O sample, so one reconstruction step (and one decoder pass while capturing) holds at most
+    that many boxes whatever a detector gives per image (an image's boxes are split into chunks; 64 leaves every
+    testbed image whole); `cache_dtype` is the CPU storage of the block I/O (`float16` halves it; samples are
+    cast back to float32 on the device).
     """
 
     grouping: str = "attention_mlp"
@@ -159,15 +164,20 @@ class ReconConfig:
     curve_points: int = 50
     track_interference: bool = True
     interference_images: int = 4
+    max_boxes_per_step: int = 64
+    cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for key, value, valid in (("grouping", self.grouping, RECON_GROUPINGS),
                                   ("encoder_grouping", self.encoder_grouping, RECON_ENCODER_GROUPINGS),
-                                  ("inputs", self.inputs, RECON_INPUTS)):
+                                  ("inputs", self.inputs, RECON_INPUTS),
+                                  ("cache_dtype", self.cache_dtype, RECON_CACHE_DTYPES)):
             if value not in valid:
                 raise ConfigError(f"recon.{key} must be one of {valid}, got '{value}'")
         if self.interference_images < 1:
             raise ConfigError(f"recon.interference_images must be >= 1, got {self.interference_images}")
+        if self.max_boxes_per_step < 1:
+            raise ConfigError(f"recon.max_boxes_per_step must be >= 1, got {self.max_boxes_per_step}")
         if self.iters < 1 or self.curve_points < 2:
             raise ConfigError(f"recon.iters must be >= 1 and recon.curve_points >= 2, got {self.iters}, "
                               f"{self.curve_points}")

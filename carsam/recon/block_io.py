@@ -2,8 +2,9 @@
 
 The FP model (every quantizer in FP mode) runs over the calibration set the way the protocol runs it
 (`SamBoxPredictor`: per image, embed, then decode all of the image's prompt boxes); forward hooks on the
-unit's root module record every positional and keyword input and the output. One sample = one image
-with all its boxes (decoder units: batch B = the image's boxes; encoder units: batch 1). With
+unit's root module record every positional and keyword input and the output. One sample = one decoder call:
+one image with its boxes, or with one chunk of at most `max_boxes` of them when it has more (decoder units:
+batch B = those boxes; encoder units: batch 1), so a sample's size is bounded by a setting, not by the data. With
 `inputs="quantized"` (QDrop/BRECQ), the inputs come from a second pass of the model with its
 quantizers as the caller left them; the targets always come from the FP pass.
 
@@ -12,13 +13,15 @@ on the decoder transformer runs the step decomposition on the transformer's inpu
 the pass's quantizer modes) and records the state at the span's start (kwargs queries, keys,
 query_pe, key_pe) and the (queries, keys) at its end. The transformer's own forward then runs as usual.
 
-Samples are kept on CPU (a list, since B varies per image) and moved to a device one at a time
-(`BlockIO.sample(i, device)`); `nbytes` is logged when the block I/O is built.
+Samples are kept on CPU (a list, since B varies per image), optionally in a narrower float dtype (`dtype`,
+e.g. float16), and moved to a device one at a time (`BlockIO.sample(i, device)`), cast back to the dtype they
+were computed in; `nbytes` is logged when the block I/O is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -70,9 +73,14 @@ class UnitSample:
     kwargs: dict[str, Any]
     targets: tuple[Tensor, ...]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> UnitSample:
-        """A copy with every tensor on `device` (tensors already there are not copied)."""
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+    def to(self, device: torch.device | str, non_blocking: bool = False,
+           float_dtype: torch.dtype | None = None) -> UnitSample:
+        """A copy with every tensor on `device` (tensors already there are not copied), floating tensors cast to
+        `float_dtype` when given."""
+        def move(t: Tensor) -> Tensor:
+            dtype = float_dtype if float_dtype is not None and t.is_floating_point() else t.dtype
+            return t.to(device, dtype=dtype, non_blocking=non_blocking)
+
         return UnitSample(_map(self.args, move), _map(self.kwargs, move), _map(self.targets, move))
 
     @property
@@ -84,18 +92,24 @@ class UnitSample:
 class BlockIO:
     """The samples of one unit (a list of `UnitSample`, on CPU unless built otherwise)."""
 
-    def __init__(self, unit: ReconUnit, samples: list[UnitSample], inputs: str = "fp") -> None:
+    def __init__(self, unit: ReconUnit, samples: list[UnitSample], inputs: str = "fp",
+                 compute_dtype: torch.dtype | None = None) -> None:
         if not samples:
             raise ValueError(f"the block I/O of unit '{unit.name}' is empty (no image reached the unit)")
         self.unit, self.samples, self.inputs = unit, samples, inputs
+        self.compute_dtype = compute_dtype  # floats are cast to it when drawn (None: as stored)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def sample(self, index: int, device: torch.device | str | None = None) -> UnitSample:
-        """Sample `index`, moved to `device` if given (pinned-memory copies are non-blocking on CUDA)."""
+        """Sample `index`, moved to `device` if given (pinned-memory copies are non-blocking on CUDA), its floats
+        cast to `compute_dtype` when set."""
         sample = self.samples[index]
-        return sample if device is None else sample.to(device, non_blocking=torch.device(device).type == "cuda")
+        if device is None and self.compute_dtype is None:
+            return sample
+        target = torch.device("cpu" if device is None else device)
+        return sample.to(target, non_blocking=target.type == "cuda", float_dtype=self.compute_dtype)
 
     def order(self, num_steps: int, seed: int) -> list[int]:
         """`num_steps` sample indices: successive seeded random permutations of the samples."""
@@ -118,6 +132,11 @@ class BlockIO:
     def num_prompts(self) -> int:
         """Total batch size over the samples (the boxes, for decoder units)."""
         return sum(s.targets[0].shape[0] for s in self.samples)
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch of one sample (boxes, for decoder units): what one step holds."""
+        return max(s.targets[0].shape[0] for s in self.samples)
 
 
 class _Recorder:
@@ -180,56 +199,47 @@ def _recorder(sam: nn.Module, unit: ReconUnit, inputs: bool, outputs: bool, dtyp
     return _Recorder(unit.module(sam), inputs, outputs, dtype)
 
 
-def _cat(items: list[Any]) -> Any:
-    """Merge the same argument of several calls (box chunks): tensors concatenated on dim 0."""
-    first = items[0]
-    if isinstance(first, Tensor):
-        return first if len(items) == 1 else torch.cat(items, dim=0)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat([it[i] for it in items]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _cat([it[k] for it in items]) for k in first}
-    return first
-
-
 def _capture_pass(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, mode: QuantMode | None,
-                  inputs: bool, outputs: bool, dtype: torch.dtype | None,
-                  source: EmbeddingSource | None) -> list[tuple[Any, Any]]:
-    """One protocol pass over `calib` with quantizers in `mode`: per image with prompts, (inputs, outputs)."""
+                  inputs: bool, outputs: bool, dtype: torch.dtype | None, source: EmbeddingSource | None,
+                  max_boxes: int) -> list[tuple[Any, Any]]:
+    """One protocol pass over `calib` with quantizers in `mode`, decoding at most `max_boxes` boxes per call:
+    per call of the unit (one per image, or per box chunk of an image), (inputs, outputs)."""
     recorder = _recorder(sam, unit, inputs, outputs, dtype)
-    per_image: list[tuple[Any, Any]] = []
+    per_call: list[tuple[Any, Any]] = []
 
     def collect(image_id: int) -> None:
         calls_in, calls_out = recorder.pop()
-        if calls_in or calls_out:
-            per_image.append((_cat(calls_in) if calls_in else None, _cat(calls_out) if calls_out else None))
+        per_call.extend(itertools.zip_longest(calls_in, calls_out))
 
     try:
         with eval_no_grad(sam), quant_modes_set(sam, mode):
-            protocol_pass(SamBoxPredictor(sam, source=source), calib, encoder_only=unit.in_encoder,
+            protocol_pass(SamBoxPredictor(sam, max_boxes, source=source), calib, encoder_only=unit.in_encoder,
                           after_image=collect)
     finally:
         recorder.remove()
-    return per_image
+    return per_call
 
 
 def capture_block_io(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, *, inputs: str = "fp",
-                     dtype: torch.dtype | None = None, source: EmbeddingSource | None = None) -> BlockIO:
+                     dtype: torch.dtype | None = None, source: EmbeddingSource | None = None,
+                     max_boxes: int = 64) -> BlockIO:
     """Capture `unit`'s inputs and FP targets over `calib` (see the module docstring).
 
     inputs: `fp` (FP model's inputs, one pass) or `quantized` (a second pass with the quantizers as they
-    are). dtype: store floating tensors in this dtype (None: as computed, fp32 for carsam's models).
-    source: where the passes get image embeddings (the run's embedding store; None: encode).
+    are). dtype: store floating tensors in this dtype on the CPU (None: as computed, fp32 for carsam's models);
+    drawn samples are cast back to the model's parameter dtype. source: where the passes get image embeddings
+    (the run's embedding store; None: encode). max_boxes: boxes per decoder call, hence per sample.
     The model's quantizer modes and train/eval flag are restored afterwards.
     """
     if inputs not in INPUT_SOURCES:
         raise ValueError(f"inputs must be one of {INPUT_SOURCES}, got '{inputs}'")
-    fp_pass = _capture_pass(sam, unit, calib, QuantMode.FP, inputs == "fp", True, dtype, source)
+    fp_pass = _capture_pass(sam, unit, calib, QuantMode.FP, inputs == "fp", True, dtype, source, max_boxes)
     if inputs == "quantized":
-        q_pass = _capture_pass(sam, unit, calib, None, True, False, dtype, source)
+        q_pass = _capture_pass(sam, unit, calib, None, True, False, dtype, source, max_boxes)
         fp_pass = [(q_in, fp_out) for (q_in, _), (_, fp_out) in zip(q_pass, fp_pass, strict=True)]
     samples = [UnitSample(tuple(ins[0]), dict(ins[1]), as_streams(out, len(unit.streams))) for ins, out in fp_pass]
-    block_io = BlockIO(unit, samples, inputs)
+    compute = None if dtype is None else next(p.dtype for p in sam.parameters() if p.is_floating_point())
+    block_io = BlockIO(unit, samples, inputs, compute_dtype=compute)
     logger.info("block I/O of %s (%s inputs): %d samples, %d prompts, %.1f MiB", unit.name, inputs, len(block_io),
                 block_io.num_prompts, block_io.nbytes / 2**20)
     return block_io

@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from carsam.cache.embeddings import encoder_fields
@@ -201,7 +202,9 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
             progress.skip()
         return None
     set_soft_rounding(sam, False)
-    block_io = capture_block_io(sam, unit, calib, inputs=recon.inputs, source=source)
+    block_io = capture_block_io(sam, unit, calib, inputs=recon.inputs, source=source,
+                                dtype=None if recon.cache_dtype == "float32" else getattr(torch, recon.cache_dtype),
+                                max_boxes=recon.max_boxes_per_step)
     counts = prepare_unit_(module, recipe)
     settings = ReconSettings.from_config(recon) if settings_for is None else settings_for(unit, block_io)
     if progress is None:
@@ -213,6 +216,7 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
     set_quant_prob(module, 1.0)
     check_finite_(module, f"reconstruction of unit {unit.name}")
     return {**unit_record(unit, result, counts, block_io.nbytes / 2**20, recon.curve_points),
+            "block_io_samples": len(block_io), "block_io_max_batch": block_io.max_batch,
             "stage": dataclasses.asdict(settings)}
 
 
@@ -283,6 +287,7 @@ def encoder_stage_fields(sam: Sam, recon: ReconConfig, recipe: UnitRecipe,
     stage settings, the input source, the recipe and the units."""
     return {"encoder_state": state_sha256(sam.image_encoder), "encoder": encoder_fields(sam),
             "settings": dataclasses.asdict(ReconSettings.from_config(recon)), "inputs": recon.inputs,
+            "cache_dtype": recon.cache_dtype,
             "curve_points": recon.curve_points, "recipe": dataclasses.asdict(recipe), "units": [u.name for u in units]}
 
 
