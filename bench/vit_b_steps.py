@@ -17,7 +17,9 @@ For each unit, side by side in one process, the same number of steps from the sa
 The median over `--repeats` of each driver's seconds per step; ratios are against the FP step.
 
 Then the block I/O bytes a run keeps per unit for 32 calibration images at 7 and 100 boxes per image
-(one sample's tensors times 32; fp32 and the fp16 storage option).
+(one sample's tensors times 32; fp32 and the fp16 storage option), and the peak memory of one reconstruction step
+of the decoder attention at 7, 50 and 100 boxes per image, with `recon.max_boxes_per_step` (`--chunk`, default 16)
+and without a bound (`carsam.recon.memory.peak_allocated_bytes`: the profiler's replay on the CPU).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/vit_b_steps.py --steps 4 --repeats 3
 """
@@ -41,6 +43,7 @@ from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantMode, UniformQuantizer
 from carsam.quant.state import set_quant_mode, set_quant_prob
 from carsam.recon.block_io import BlockIO, UnitSample
+from carsam.recon.memory import peak_allocated_bytes
 from carsam.recon.stage import ReconSettings, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import ReconUnit, find_units
 
@@ -154,6 +157,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--boxes", type=int, default=7, help="boxes per image in the timed decoder units")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chunk", type=int, default=16, help="recon.max_boxes_per_step for the memory table")
+    parser.add_argument("--skip-timing", action="store_true", help="only the bytes and memory tables")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     sam = build_random_model("vit_b").eval()
@@ -162,7 +167,7 @@ def main() -> None:
           f"per driver, medians (absolute times are this machine's)")
     print("| unit | FP step | fake-quant reference | fake-quant fused | Lightning stage (fused) |")
     print("|---|---|---|---|---|")
-    for label, grouping, index in UNITS:
+    for label, grouping, index in ([] if args.skip_timing else UNITS):
         unit = find_units(sam, grouping)[index]
         block_io = prepare(sam, unit, grouping, args.boxes, args.seed)
         t = time_unit(sam, unit, block_io, args.steps, args.repeats)
@@ -179,6 +184,37 @@ def main() -> None:
                                                                                           torch.float16))
                  for b in (7, 100)]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+    print_step_memory(sam, args.chunk, args.seed)
+
+
+def step_peak_mib(sam: nn.Module, unit: ReconUnit, start: dict, boxes: int, seed: int) -> float:
+    """Peak MiB of one reconstruction step of `unit` on a sample of `boxes` boxes (from the same start state)."""
+    unit.module(sam).load_state_dict(start)
+    args, kwargs = unit_inputs("attention_mlp", boxes, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        set_quant_mode(unit.module(sam), QuantMode.FP)
+        targets = unit.run(unit.module(sam), args, kwargs)
+        set_quant_mode(unit.module(sam), QuantMode.QUANTIZED)
+    block_io = BlockIO(unit, [UnitSample(args, kwargs, targets)])
+    settings = ReconSettings.from_config(ReconConfig(iters=1))
+    return peak_allocated_bytes(lambda: reconstruct_unit_plain(sam, unit, block_io, settings)) / 2**20
+
+
+def print_step_memory(sam: nn.Module, chunk: int, seed: int) -> None:
+    """Peak memory of a decoder-attention step at 7, 50 and 100 boxes per image, chunked and not."""
+    unit = find_units(sam, "attention_mlp")[1]
+    if not any(isinstance(m, UniformQuantizer) and m.is_calibrated for m in unit.module(sam).modules()):
+        prepare(sam, unit, "attention_mlp", 7, seed)
+    start = copy.deepcopy(unit.module(sam).state_dict())
+    print(f"peak memory of one decoder-attention step ({unit.name}), MiB (this machine's allocator, via the "
+          f"profiler):")
+    print(f"| boxes per image | max_boxes_per_step={chunk} | unbounded |")
+    print("|---|---|---|")
+    for boxes in (7, 50, 100):
+        bounded = step_peak_mib(sam, unit, start, min(boxes, chunk), seed)  # the largest sample a chunked image gives
+        unbounded = step_peak_mib(sam, unit, start, boxes, seed)
+        print(f"| {boxes} | {bounded:,.0f} | {unbounded:,.0f} |")
 
 
 if __name__ == "__main__":
