@@ -54,12 +54,13 @@ data: $(STAMP) ## generate the synthetic testbed dataset (seed 0) under data/
 testbed: $(STAMP) ## regenerate the data and retrain the testbed SAM (about an hour on 2 cores)
 	$(BIN)/carsam testbed build
 
-bench: $(STAMP) ## benchmarks: Lightning vs plain-loop overhead of one reconstruction unit; cold vs warm stage cache; the knob-free work a warm trial has left; saved/packed model sizes; FP vs fake-quant vs ONNX speed
+bench: $(STAMP) ## benchmarks: Lightning vs plain-loop overhead of one reconstruction unit; cold vs warm stage cache; the knob-free work a warm trial has left; saved/packed model sizes; FP vs fake-quant vs ONNX speed; per-step cost, block I/O bytes and step memory at vit_b shapes
 	OMP_NUM_THREADS=1 $(BIN)/python bench/recon_overhead.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/stage_cache.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/knob_free_work.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/export_sizes.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/onnx_speed.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/vit_b_steps.py
 
 clean: ## remove runs/, data/ and build/ (keeps .venv)
 	rm -rf runs data build

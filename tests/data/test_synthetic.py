@@ -84,3 +84,36 @@ def test_ensure_dataset_generates_once(tmp_path):
     stamp = (root / "instances_calib.json").stat().st_mtime_ns
     ensure_dataset(SPEC, tmp_path, ("calib",))
     assert (root / "instances_calib.json").stat().st_mtime_ns == stamp
+
+
+def test_the_glyphs_family_draws_its_own_shapes_sizes_and_counts(tmp_path):
+    from carsam.data.synthetic import FAMILIES, dataset_dir
+
+    spec = SyntheticSpec.for_family("glyphs", 1)
+    spec = SyntheticSpec(**{**spec.__dict__, "num_images": (("train", 0), ("calib", 0), ("val", 16))})
+    coco = json.loads(generate_split(spec, "val", tmp_path)["annotations"].read_text())
+    assert [c["name"] for c in coco["categories"]] == list(FAMILIES["glyphs"].categories)
+    assert set(FAMILIES["glyphs"].categories).isdisjoint(CATEGORIES)
+    assert all(112 <= im["height"] <= 176 and 112 <= im["width"] <= 176 for im in coco["images"])
+    assert coco["info"]["family"] == "glyphs" and "family" not in _shapes_info(tmp_path)
+    per_image: dict[int, int] = {}
+    for ann in coco["annotations"]:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    assert max(per_image.values()) <= 8
+    assert dataset_dir("d", 1, "glyphs").name == "testbed-glyphs-seed1" and dataset_dir("d", 0).name == "testbed-seed0"
+    assert SyntheticSpec.for_family("shapes", 0) == SyntheticSpec()
+
+
+def _shapes_info(tmp_path) -> dict:
+    return json.loads(generate_split(SPEC, "val", tmp_path / "shapes")["annotations"].read_text())["info"]
+
+
+def test_an_unknown_family_is_refused_with_the_choices():
+    import pytest
+
+    from carsam.config import ConfigError, DataConfig
+
+    with pytest.raises(ValueError, match="unknown synthetic family 'stars'.*glyphs"):
+        SyntheticSpec.for_family("stars", 0)
+    with pytest.raises(ConfigError, match="data.synthetic_family must be one of"):
+        DataConfig(synthetic_family="stars")
