@@ -84,7 +84,7 @@ def fused_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int,
     """`fake_quantize(x, scale, zero_point, qmin, qmax, ch_axis)`, QDrop-mixed by `keep`, in one autograd node.
 
     Args:
-        x: any shape (float32 for the fused path; other dtypes use the reference).
+        x: any shape and floating dtype (a 0-dim `x` takes the reference path).
         scale, zero_point: `()` per tensor, or `(C,)` along `ch_axis` with `C = x.shape[ch_axis]`; `scale`
             may be a learned parameter (LSQ), and its gradient is the reference's.
         qmin, qmax: the integer grid.
