@@ -29,7 +29,7 @@ from carsam.models.quantize import QuantConfig
 from carsam.models.sam import REAL_MODEL_TYPES
 from carsam.recon.block_io import INPUT_SOURCES
 from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
-from carsam.testbed.spec import TESTBED_CHECKPOINTS
+from carsam.testbed.spec import TESTBED_CHECKPOINTS, TESTBED_DATA
 from carsam.tracking import MODES as TRACKER_MODES
 
 if TYPE_CHECKING:
@@ -366,11 +366,22 @@ class RunConfig:
             raise ConfigError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
         if self.method not in method_names():
             raise ConfigError(f"method must be one of {method_names()}, got '{self.method}'")
+        self._check_testbed_family()
         if get_method(self.method).quantized:
             self.data.check_calibration_paths()
         elif self.output.save_model:
             raise ConfigError(f"output.save_model=true needs a quantizing method; '{self.method}' quantizes nothing "
                               "(its model is the FP checkpoint)")
+
+    def _check_testbed_family(self) -> None:
+        """A shipped testbed evaluated on the synthetic data of another shape family is a mistake, not a protocol."""
+        if not self.data.is_synthetic or self.model.checkpoint or self.model.type not in TESTBED_DATA:
+            return
+        family, seed = TESTBED_DATA[self.model.type]
+        if self.data.synthetic_family != family:
+            raise ConfigError(f"model.type={self.model.type} was trained on the '{family}' synthetic family, but "
+                              f"data.synthetic_family={self.data.synthetic_family}: add data.synthetic_family={family} "
+                              f"(and data.synthetic_seed={seed} for its own splits)")
 
     @property
     def saves_model(self) -> bool:

@@ -149,3 +149,15 @@ def test_gt_box_experiments_follow_carsams_protocol_and_the_rest_the_detector_pr
     assert all(resolve(p).data.calib_size == 32 for p in gt)
     others = [p for p in EXPERIMENTS if p.parent.name == "experiments" and p.stem != "box_as_mask"]
     assert {resolve(p).data.prompt_source for p in others} == {"detector"}
+
+
+def test_a_shipped_testbed_on_another_shape_family_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"trained on the 'glyphs' synthetic family.*data.synthetic_family=glyphs "
+                                          r"\(and data.synthetic_seed=1"):
+        resolve(None, ["model.type=testbed_v2_glyphs"])
+    with pytest.raises(ConfigError, match="trained on the 'shapes' synthetic family"):
+        resolve(None, ["data.synthetic_family=glyphs"])
+    assert resolve(None, ["model.type=testbed_v2_glyphs", "data.synthetic_family=glyphs"]).data.synthetic_seed == 0
+    # another seed of the same family is a legitimate second dataset; a user checkpoint is the user's to judge
+    assert resolve(None, ["data.synthetic_seed=1"]).model.type == "testbed"
+    assert resolve(None, ["data.synthetic_family=glyphs", "model.checkpoint=/some/file.pth"]).model.checkpoint

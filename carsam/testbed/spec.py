@@ -23,9 +23,15 @@ TESTBED_CHECKPOINT = Path(__file__).resolve().parent / "testbed_sam.pth"
 TESTBED_CARD = Path(__file__).resolve().parent / "testbed.json"
 TESTBED_V2_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_sam.pth"
 TESTBED_V2_CARD = Path(__file__).resolve().parent / "testbed_v2.json"
-# model.type -> its shipped checkpoint: v1 (the default, and the fast tests'), and v2 (docs/testbed.md: trained
-# with SAM-scale output tokens and no decay on embeddings, for larger token ranges)
-TESTBED_CHECKPOINTS = {"testbed": TESTBED_CHECKPOINT, "testbed_v2": TESTBED_V2_CHECKPOINT}
+TESTBED_V2_GLYPHS_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_glyphs_sam.pth"
+TESTBED_V2_GLYPHS_CARD = Path(__file__).resolve().parent / "testbed_v2_glyphs.json"
+# model.type -> its shipped checkpoint: v1 (the default, and the fast tests'), v2 (docs/testbed.md: trained with
+# SAM-scale output tokens and no decay on embeddings, for larger token ranges), and v2's recipe trained on the
+# second synthetic family (`glyphs`, seed 1), to check that a conclusion is not tuned to one dataset
+TESTBED_CHECKPOINTS = {"testbed": TESTBED_CHECKPOINT, "testbed_v2": TESTBED_V2_CHECKPOINT,
+                       "testbed_v2_glyphs": TESTBED_V2_GLYPHS_CHECKPOINT}
+# model.type -> the synthetic family and seed its shipped checkpoint was trained on (its card's `data_spec`)
+TESTBED_DATA = {"testbed": ("shapes", 0), "testbed_v2": ("shapes", 0), "testbed_v2_glyphs": ("glyphs", 1)}
 
 
 @dataclasses.dataclass(frozen=True)
