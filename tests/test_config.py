@@ -161,3 +161,10 @@ def test_a_shipped_testbed_on_another_shape_family_is_refused_with_the_fix():
     # another seed of the same family is a legitimate second dataset; a user checkpoint is the user's to judge
     assert resolve(None, ["data.synthetic_seed=1"]).model.type == "testbed"
     assert resolve(None, ["data.synthetic_family=glyphs", "model.checkpoint=/some/file.pth"]).model.checkpoint
+
+
+@pytest.mark.parametrize(("override", "message"), [("recon.max_boxes_per_step=0", "max_boxes_per_step must be >= 1"),
+                                                   ("recon.cache_dtype=int8", "cache_dtype must be one of")])
+def test_memory_settings_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(None, [override])
