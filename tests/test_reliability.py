@@ -164,6 +164,7 @@ def test_a_running_record_whose_process_is_gone_reads_as_interrupted_at_once(tmp
 
 def _start_run(tmp_path: Path, small_coco, checkpoint: Path) -> tuple:
     """A `carsam run` subprocess (QDrop, long enough to be stopped midway) and its runs folder."""
+    import signal
     import subprocess
     import sys
 
@@ -171,7 +172,13 @@ def _start_run(tmp_path: Path, small_coco, checkpoint: Path) -> tuple:
     cmd = [sys.executable, "-m", "carsam.cli", "run", experiment("qdrop_w4a4.yaml"), f"runs_dir={runs}",
            f"model.checkpoint={checkpoint}", "data.calib_size=2", "recon.iters=5000", "tracking.mode=disabled",
            *real_data_overrides(small_coco), "--no-progress"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), runs
+    # SIGINT back to its default in the child: a shell's background job (`cmd &`) starts with SIGINT ignored, and
+    # an ignored disposition is inherited, so under such a launcher the child would never see the test's Ctrl-C
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint), runs
 
 
 def _wait_for_running(runs: Path, proc, timeout: float = 120.0) -> dict:
