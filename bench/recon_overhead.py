@@ -22,11 +22,8 @@ from carsam.methods.calibrate import calibrate_
 from carsam.models.quantize import quantize_
 from carsam.models.sam import build_model
 from carsam.pipeline import load_datasets, resolve_device
-from carsam.quant.adaround import enable_adaround_
-from carsam.quant.modules import quantized_weight_modules
-from carsam.quant.quantizers import UniformQuantizer
-from carsam.quant.state import set_quant_prob
 from carsam.recon.block_io import capture_block_io
+from carsam.recon.driver import UnitRecipe, prepare_unit_
 from carsam.recon.stage import ReconSettings, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import find_units
 
@@ -40,12 +37,7 @@ def prepare(unit_index: int, calib_images: int, device: torch.device):
     unit = find_units(sam, "attention_mlp")[unit_index]
     block_io = capture_block_io(sam, unit, calib, inputs="quantized")
     module = unit.module(sam)
-    for _, layer in quantized_weight_modules(module):
-        enable_adaround_(layer)
-    for m in module.modules():
-        if isinstance(m, UniformQuantizer) and m.ch_axis is None:
-            m.make_scale_learnable()
-    set_quant_prob(module, 0.5)
+    prepare_unit_(module, UnitRecipe(learn_act_scales=True, quant_prob=0.5))  # PTQ4SAM's / QDrop's recipe
     return sam, unit, block_io
 
 

@@ -38,11 +38,10 @@ from torch import Tensor, nn
 from carsam.config import ReconConfig
 from carsam.models.quantize import QuantConfig, quantize_
 from carsam.models.sam import build_random_model
-from carsam.quant.adaround import enable_adaround_
-from carsam.quant.modules import quantized_weight_modules
 from carsam.quant.quantizers import QuantMode, UniformQuantizer
-from carsam.quant.state import set_quant_mode, set_quant_prob
+from carsam.quant.state import set_quant_mode
 from carsam.recon.block_io import BlockIO, UnitSample
+from carsam.recon.driver import UnitRecipe, prepare_unit_
 from carsam.recon.memory import peak_allocated_bytes
 from carsam.recon.stage import ReconSettings, reconstruct_unit, reconstruct_unit_plain
 from carsam.recon.units import ReconUnit, find_units
@@ -75,12 +74,7 @@ def prepare(sam: nn.Module, unit: ReconUnit, grouping: str, boxes: int, seed: in
         set_quant_mode(module, QuantMode.CALIBRATE)
         unit.run(module, args, kwargs)
     set_quant_mode(module, QuantMode.QUANTIZED)
-    for _, layer in quantized_weight_modules(module):
-        enable_adaround_(layer)
-    for m in module.modules():
-        if isinstance(m, UniformQuantizer) and m.ch_axis is None:
-            m.make_scale_learnable()
-    set_quant_prob(module, 0.5)
+    prepare_unit_(module, UnitRecipe(learn_act_scales=True, quant_prob=0.5))  # PTQ4SAM's / QDrop's recipe
     return BlockIO(unit, [UnitSample(args, kwargs, targets)])
 
 

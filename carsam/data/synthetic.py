@@ -73,10 +73,9 @@ class SyntheticSpec:
     @classmethod
     def for_family(cls, family: str, seed: int) -> SyntheticSpec:
         """The spec of `family`'s datasets at `seed`: its image sizes and instance counts, the rest default."""
-        if family not in FAMILIES:
-            raise ValueError(f"unknown synthetic family '{family}'; choose one of {sorted(FAMILIES)}")
+        spec = cls(seed=seed, family=family)  # refuses an unknown family
         min_side, max_side, max_instances = _FAMILY_IMAGES[family]
-        return cls(seed=seed, family=family, min_side=min_side, max_side=max_side, max_instances=max_instances)
+        return dataclasses.replace(spec, min_side=min_side, max_side=max_side, max_instances=max_instances)
 
     @property
     def categories(self) -> tuple[str, ...]:

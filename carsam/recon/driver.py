@@ -42,6 +42,7 @@ AdaRound layer in hard rounding, recorded as `interference: [{"after": "start" |
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -207,11 +208,9 @@ def reconstruct_unit_in_model_(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPr
                                 max_boxes=recon.max_boxes_per_step)
     counts = prepare_unit_(module, recipe)
     settings = ReconSettings.from_config(recon) if settings_for is None else settings_for(unit, block_io)
-    if progress is None:
-        result = reconstruct_unit(sam, unit, block_io, settings)
-    else:
-        with progress.unit(unit.name, settings.iters) as on_step:
-            result = reconstruct_unit(sam, unit, block_io, settings, on_step)
+    bar = contextlib.nullcontext(None) if progress is None else progress.unit(unit.name, settings.iters)
+    with bar as on_step:
+        result = reconstruct_unit(sam, unit, block_io, settings, on_step)
     set_soft_rounding(module, False)
     set_quant_prob(module, 1.0)
     check_finite_(module, f"reconstruction of unit {unit.name}")
@@ -308,9 +307,8 @@ def reconstruct_encoder_units_(sam: Sam, calib: CocoBoxPrompts, recon: ReconConf
                                      scope=sam.image_encoder)
     if not restored:
         return stored["units"]
-    for _ in units:
-        if progress is not None:
-            progress.skip()
+    if progress is not None:
+        progress.skip(len(units))
     return [{**r, "cached": True} for r in stored["units"]]
 
 

@@ -49,9 +49,9 @@ class ReconProgress:
             bar.close()
             self.overall.update(1)
 
-    def skip(self) -> None:
-        """Count a unit that was not optimised (nothing quantized in it, or restored from the stage cache)."""
-        self.overall.update(1)
+    def skip(self, units: int = 1) -> None:
+        """Count `units` that were not optimised (nothing quantized in them, or restored from the stage cache)."""
+        self.overall.update(units)
 
     def close(self) -> None:
         self.overall.close()
