@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt setuptools wheel
+	# sam2 ships as an sdist whose setup.py imports torch: build it against the venv's torch, without its CUDA op
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install --quiet --no-build-isolation -c constraints.txt sam2
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
@@ -61,6 +64,7 @@ bench: $(STAMP) ## benchmarks: Lightning vs plain-loop overhead of one reconstru
 	OMP_NUM_THREADS=1 $(BIN)/python bench/export_sizes.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/onnx_speed.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/vit_b_steps.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/fake_quant_compile.py
 
 clean: ## remove runs/, data/ and build/ (keeps .venv)
 	rm -rf runs data build

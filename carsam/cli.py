@@ -265,7 +265,7 @@ def _cmd_testbed_build(args: argparse.Namespace) -> int:
     recipe = _recipe_overrides(args.train)
     try:
         card = build_testbed(data_root=args.root, seed=args.seed, steps=args.steps, out_dir=args.out, recipe=recipe,
-                             family=args.family)
+                             family=args.family, architecture=args.arch)
     except TrainingStateError as err:  # OUT/train_state.pt was saved by another recipe
         raise ConfigError(str(err)) from err
     print(f"testbed checkpoint: {args.out}/{card['checkpoint']}  train time {card['train_seconds']:.0f}s  "
@@ -408,6 +408,8 @@ def _add_testbed(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--root", default="data", help="data parent folder (default data)")
     b.add_argument("--family", default="shapes", choices=sorted(SYNTHETIC_FAMILIES),
                    help="shape family of the training data (default shapes, the testbed's)")
+    b.add_argument("--arch", default="sam", choices=("sam", "sam2"), help="testbed architecture: sam (default, "
+                   "segment_anything classes) or sam2 (a small Hiera + SAM2's decoder, docs/sam2.md)")
     b.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the recipe's)")
     b.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="training recipe fields (TrainSpec), "
                    "e.g. decay_scope=matrices embedding_lr_scale=10 token_init_std=4 (default: v1's recipe)")

@@ -27,8 +27,10 @@ from carsam.methods.mac import TARGETS as MAC_TARGETS
 from carsam.methods.registry import get_method, method_names
 from carsam.models.quantize import QuantConfig
 from carsam.models.sam import REAL_MODEL_TYPES
+from carsam.models.sam2_image import SAM2_MODEL_TYPES
 from carsam.recon.block_io import INPUT_SOURCES
 from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
+from carsam.testbed.sam2_spec import SAM2_TESTBED_TYPE
 from carsam.testbed.spec import TESTBED_CHECKPOINTS, TESTBED_DATA
 from carsam.tracking import MODES as TRACKER_MODES
 
@@ -48,16 +50,21 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which SAM to quantize. `checkpoint` empty with `type: testbed` (or `testbed_v2`) means that testbed's
-    shipped checkpoint."""
+    shipped checkpoint. `sam2_stability_fallback` (SAM2 only): SAM2's image-predictor fallback from an unstable
+    single mask to the best multimask output (on by default, as `build_sam2` sets it)."""
 
     type: str = "testbed"
     checkpoint: str = ""
+    sam2_stability_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.type not in MODEL_TYPES:
             raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got '{self.type}'")
         if self.type not in TESTBED_CHECKPOINTS and not self.checkpoint:
             raise ConfigError(f"model.checkpoint is required for model.type={self.type} (path to the SAM .pth)")
+        if not self.sam2_stability_fallback and self.type not in (*SAM2_MODEL_TYPES, SAM2_TESTBED_TYPE):
+            raise ConfigError(f"model.sam2_stability_fallback applies to SAM2 only ({SAM2_MODEL_TYPES}); "
+                              f"remove it for model.type={self.type}")
 
 
 @dataclasses.dataclass(frozen=True)

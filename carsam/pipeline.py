@@ -231,7 +231,8 @@ def _execute(config: RunConfig, method: Method, record: RunRecord, context: RunC
     model-free method), the data, and the method's reconstruction report (None if it reconstructs nothing)."""
     seed_everything(config.seed)
     with _timed(record.timings, "build"):
-        sam = build_model(config.model.type, config.model.checkpoint or None).to(device) if method.uses_model else None
+        sam = build_model(config.model.type, config.model.checkpoint or None,
+                          config.model.sam2_stability_fallback).to(device) if method.uses_model else None
         if sam is not None:
             check_finite_(sam, f"loading the checkpoint {record.model['checkpoint']}")
         data = load_datasets(config.data, config.seed, calibrate=method.quantized)

@@ -108,8 +108,8 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("carsam", "torch", "torchvision", "segment-anything", "numpy", "pycocotools", "lightning",
-                 "optuna"):
+    for dist in ("carsam", "torch", "torchvision", "segment-anything", "sam2", "hydra-core", "numpy", "pycocotools",
+                 "lightning", "optuna"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -43,7 +43,7 @@ def measure_statistics(config: RunConfig, out: str | Path, *, images: int = 20, 
         sam = build_random_model(random_init)
         model = {"type": random_init, "checkpoint": f"random initialisation (seed {config.seed})", "sha256": None}
     else:
-        sam = build_model(config.model.type, config.model.checkpoint or None)
+        sam = build_model(config.model.type, config.model.checkpoint or None, config.model.sam2_stability_fallback)
         model = model_description(config.model)
     sam = quantize_(sam.to(device), QuantConfig())  # FP twins: every MatMul operand readable, outputs unchanged
     frame = collect_statistics(sam, val, val.image_ids)  # eval mode and no_grad inside

@@ -21,7 +21,6 @@ table and when each pass reads the store: docs/caching.md.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,6 +34,7 @@ from torch.nn.modules import module as module_hooks
 from carsam.cache.store import CacheStats, EntryStore, canonical_key, image_file, numerics_fields
 from carsam.eval.inference import ImageEmbedding, SamBoxPredictor
 from carsam.files import memoised_file_sha256
+from carsam.models.sam2_image import Sam2ImageModel
 from carsam.quant.fp_reference import SUFFIX, fp_references
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 
@@ -46,12 +46,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-CACHE_FORMAT = 1  # bump when what is stored, or how an embedding is computed, changes
+CACHE_FORMAT = 2  # bump when what is stored, or how an embedding is computed, changes (2: SAM2's high_res)
 EMBEDDINGS = "embeddings"
 
 
 def encoder_fields(sam: Sam) -> dict[str, Any]:
     """The encoder's architecture and preprocessing as built (what a checkpoint hash alone does not pin)."""
+    if isinstance(sam, Sam2ImageModel):
+        return sam.encoder_fields()
     encoder = sam.image_encoder
     param = next(encoder.parameters())
     return {"img_size": int(encoder.img_size), "patch": list(encoder.patch_embed.proj.kernel_size),
@@ -97,7 +99,8 @@ def encoder_snapshot(sam: Sam) -> tuple[Any, ...]:
 
 def _payload(key: str, embedding: ImageEmbedding) -> dict[str, Any]:
     return {"format": CACHE_FORMAT, "key": key, "features": embedding.features.detach().to("cpu", copy=True),
-            "input_size": list(embedding.input_size), "original_size": list(embedding.original_size)}
+            "input_size": list(embedding.input_size), "original_size": list(embedding.original_size),
+            "high_res": [t.detach().to("cpu", copy=True) for t in embedding.high_res]}
 
 
 def _embedding(payload: Any, key: str) -> ImageEmbedding:
@@ -109,7 +112,10 @@ def _embedding(payload: Any, key: str) -> ImageEmbedding:
         raise ValueError("features are not a (1, C, g, g) tensor")
     if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in sizes):
         raise ValueError("sizes are not pairs of ints")
-    return ImageEmbedding(features, tuple(sizes[0]), tuple(sizes[1]))  # type: ignore[arg-type]
+    high_res = payload.get("high_res")
+    if not isinstance(high_res, list) or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in high_res):
+        raise ValueError("high_res is not a list of (1, C, h, w) tensors")
+    return ImageEmbedding(features, tuple(sizes[0]), tuple(sizes[1]), tuple(high_res))  # type: ignore[arg-type]
 
 
 class EmbeddingStore(EntryStore):
@@ -155,10 +161,10 @@ class EmbeddingStore(EntryStore):
         kept = self._kept.get(image_id)
         if kept is not None:
             self.stats.reused += 1
-            return dataclasses.replace(kept, features=kept.features.to(predictor.device))
+            return kept.to(predictor.device)
         self.stats.bypassed += 1
         embedding = predictor.embed(dataset.load_image(image_id))
-        self._kept[image_id] = dataclasses.replace(embedding, features=embedding.features.cpu())
+        self._kept[image_id] = embedding.to("cpu")
         return embedding
 
     def key(self, sam: nn.Module, device: torch.device, image_path: str | Path) -> str:
@@ -193,7 +199,7 @@ class EmbeddingStore(EntryStore):
         cached = self.load(key)
         if cached is not None and cached.original_size == dataset.image_size(image_id):
             self.stats.hits += 1
-            embedding = dataclasses.replace(cached, features=cached.features.to(predictor.device))
+            embedding = cached.to(predictor.device)
             self.stats.hit_seconds += time.perf_counter() - start
             return embedding
         embedding = predictor.embed(dataset.load_image(image_id))

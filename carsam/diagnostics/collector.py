@@ -45,14 +45,15 @@ from torchvision.ops import box_iou
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.attention import kl_divergence, mask_mass, mask_to_tokens, normalized_entropy
-from carsam.eval.inference import EmbeddingSource, SamBoxPredictor
-from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
+from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, box_predictor
+from carsam.models.adapters import ATTENTION_TWINS
+from carsam.models.architecture import encoder_blocks
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
 
 if TYPE_CHECKING:
-    from segment_anything.modeling import ImageEncoderViT, TwoWayTransformer
+    from segment_anything.modeling import TwoWayTransformer
 
     from carsam.models.adapters import AttentionTwin
 
@@ -100,9 +101,11 @@ def _decoder_sites(sam: nn.Module) -> list[AttentionSite]:
 
 
 def _encoder_sites(sam: nn.Module) -> list[AttentionSite]:
-    """The attention of each image-encoder block."""
-    blocks = cast("ImageEncoderViT", sam.get_submodule(ENCODER_SCOPE)).blocks
-    return [AttentionSite(ENCODER_ATTN, i, f"{ENCODER_SCOPE}.blocks.{i}.attn", b.attn) for i, b in enumerate(blocks)]
+    """The attention of each image-encoder block (ViT blocks for SAM v1, Hiera blocks for SAM2), in order."""
+    encoder = sam.get_submodule(ENCODER_SCOPE)
+    blocks = [(path, m) for path, m in encoder.named_modules() if isinstance(m, encoder_blocks())]
+    return [AttentionSite(ENCODER_ATTN, i, f"{ENCODER_SCOPE}.{path}.attn", cast("AttentionTwin", block.attn))
+            for i, (path, block) in enumerate(blocks)]
 
 
 def attention_sites(sam: nn.Module, scopes: Sequence[str] = ("decoder",)) -> list[AttentionSite]:
@@ -111,7 +114,7 @@ def attention_sites(sam: nn.Module, scopes: Sequence[str] = ("decoder",)) -> lis
     if unknown or not scopes:
         raise ValueError(f"scopes must be a non-empty subset of {SCOPES}, got {tuple(scopes)}")
     sites = (_encoder_sites(sam) if "encoder" in scopes else []) + (_decoder_sites(sam) if "decoder" in scopes else [])
-    plain = [s.path for s in sites if not isinstance(s.attention, (QuantDecoderAttention, QuantEncoderAttention))]
+    plain = [s.path for s in sites if not isinstance(s.attention, ATTENTION_TWINS)]
     if plain:
         raise TypeError(f"attention diagnostics need the quantized attention twins, but {len(plain)} attention(s) "
                         f"are plain modules (e.g. {plain[0]}); run carsam.models.quantize.quantize_ on the model first "
@@ -290,7 +293,7 @@ def collect_attention_stats(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: 
     chosen = [i for i in dict.fromkeys(image_ids) if len(dataset.prompts(i)[0]) > 0]
     if not chosen:
         raise ValueError("none of the chosen images has a prompt box; pick images with prompts")
-    predictor, accumulator = SamBoxPredictor(sam, max_boxes_per_batch, source), _Accumulator()
+    predictor, accumulator = box_predictor(sam, max_boxes_per_batch, source), _Accumulator()
     with eval_no_grad(sam):
         for image_id in chosen:
             _image_stats(predictor, dataset, image_id, sites, accumulator, iou_threshold)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.collector import attention_sites, tap_probabilities
-from carsam.eval.inference import EmbeddingSource, SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, box_predictor
 from carsam.files import replace_atomic
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
@@ -120,7 +120,7 @@ def collect_attention_maps(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: S
     if prompts_per_image < 1:
         raise ValueError(f"prompts_per_image must be >= 1, got {prompts_per_image}")
     sites = [s for s in attention_sites(sam, ("decoder",)) if s.token_to_image]
-    predictor = SamBoxPredictor(sam, max_boxes_per_batch, source)
+    predictor = box_predictor(sam, max_boxes_per_batch, source)
     grid = predictor.sam.prompt_encoder.image_embedding_size[0]
     parts: dict[str, list] = {name: [] for name in FIELDS if name != "layers"}
     with eval_no_grad(sam):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,8 +37,9 @@ from torch import Tensor, nn
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.collector import AttentionSite, attention_sites
-from carsam.eval.inference import SamBoxPredictor, run_image
+from carsam.eval.inference import box_predictor, run_image
 from carsam.methods.big import BIMODALITY_THRESHOLD, bimodality_from_moments
+from carsam.models.architecture import encoder_blocks
 from carsam.models.quantize import ENCODER_SCOPE
 from carsam.quant.state import eval_no_grad
 
@@ -194,10 +195,11 @@ ENCODER_TENSORS = (("norm1", "norm1"), ("norm2", "norm2"), ("gelu", "mlp.act")) 
 @contextmanager
 def _encoder_hooks(sam: nn.Module, meters: dict[tuple[str, str], ChannelAbsMax]) -> Iterator[None]:
     handles = []
-    blocks = cast("nn.ModuleList", sam.get_submodule(f"{ENCODER_SCOPE}.blocks"))
-    for i, block in enumerate(blocks):
+    encoder = sam.get_submodule(ENCODER_SCOPE)  # ViT blocks (SAM v1) or Hiera blocks (SAM2), by type
+    blocks = [(path, m) for path, m in encoder.named_modules() if isinstance(m, encoder_blocks())]
+    for path, block in blocks:
         for name, sub in ENCODER_TENSORS:
-            meter = meters.setdefault((f"{ENCODER_SCOPE}.blocks.{i}", name), ChannelAbsMax())
+            meter = meters.setdefault((f"{ENCODER_SCOPE}.{path}", name), ChannelAbsMax())
             handles.append(block.get_submodule(sub).register_forward_hook(
                 lambda module, args, out, meter=meter: meter.add(out)))
     try:
@@ -247,7 +249,7 @@ def collect_statistics(sam: nn.Module, dataset: CocoBoxPrompts, image_ids: Seque
     sites = attention_sites(sam, ("decoder",))
     decoder: dict[str, _DecoderMeters] = {}
     encoder: dict[tuple[str, str], ChannelAbsMax] = {}
-    predictor = SamBoxPredictor(sam, max_boxes_per_batch)
+    predictor = box_predictor(sam, max_boxes_per_batch)
     with eval_no_grad(sam), _decoder_hooks(sites, decoder), _encoder_hooks(sam, encoder):
         for image_id in image_ids:
             run_image(predictor, dataset, image_id)

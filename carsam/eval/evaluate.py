@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from carsam.data.coco import CocoBoxPrompts
 from carsam.eval.coco_eval import mask_iou, masks_to_results, segm_map
-from carsam.eval.inference import EmbeddingSource, SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, box_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def evaluate(sam: Sam, dataset: CocoBoxPrompts, *, max_images: int | None = None
     embeddings; None: the encoder).
     `max_images` evaluates the first images of the set only (mAP then covers just those).
     """
-    predictor = SamBoxPredictor(sam, max_boxes_per_batch, source=source)
+    predictor = box_predictor(sam, max_boxes_per_batch, source=source)
     tally = _Tally(gt_prompts=dataset.prompt_source == "gt_boxes")
     for image_id in _chosen_ids(dataset, max_images, progress, "eval"):
         embedding = predictor.embed_image(dataset, image_id)

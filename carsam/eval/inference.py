@@ -1,6 +1,9 @@
 """Box-prompted SAM inference: one encoder pass per image, then batched box decoding.
 
-This mirrors the math of `segment_anything.SamPredictor` for the protocol's case (box prompts,
+`box_predictor(model)` gives the predictor of the model's family: `SamBoxPredictor` for SAM v1 and the
+testbeds, `carsam.eval.sam2_inference.Sam2BoxPredictor` (SAM2ImagePredictor's semantics) for SAM2.
+
+`SamBoxPredictor` mirrors the math of `segment_anything.SamPredictor` for the protocol's case (box prompts,
 `multimask_output=False`, mask = upsampled logits > `sam.mask_threshold`) but keeps the image
 embedding as a value (`ImageEmbedding`) rather than predictor state, so that callers can store or reuse it.
 
@@ -23,9 +26,11 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
 from tqdm import tqdm
 
 from carsam.models.finite import check_finite_output
+from carsam.models.sam2_image import Sam2ImageModel
 
 if TYPE_CHECKING:
     from carsam.data.coco import CocoBoxPrompts
@@ -38,13 +43,20 @@ class ImageEmbedding:
     """The encoder output of one image and the sizes needed to map masks back to it.
 
     features: (1, C, g, g) tensor (C = 256, g = img_size / patch_size). input_size: (h, w) of the
-    resized image before padding (long side = the encoder's img_size). original_size: (H, W).
-    `SamBoxPredictor.embed` runs under `torch.no_grad()`: the features carry no autograd graph.
+    resized image before padding (long side = the encoder's img_size; SAM2: the square input, (S, S)).
+    original_size: (H, W). high_res: SAM2's high-resolution features `(1, C/8, 4g, 4g)` and `(1, C/4, 2g, 2g)`
+    (empty for SAM v1). `embed` runs under `torch.no_grad()`: the features carry no autograd graph.
     """
 
     features: torch.Tensor
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+    high_res: tuple[torch.Tensor, ...] = ()
+
+    def to(self, device: torch.device | str) -> ImageEmbedding:
+        """The same embedding with its tensors on `device`."""
+        return dataclasses.replace(self, features=self.features.to(device),
+                                   high_res=tuple(t.to(device) for t in self.high_res))
 
 
 class EmbeddingSource(Protocol):
@@ -96,12 +108,16 @@ class SamBoxPredictor:
         height, width = embedding.original_size
         if len(boxes) == 0:
             return np.zeros((0, height, width), dtype=bool), np.zeros((0,), dtype=np.float32)
-        scaled = self.transform.apply_boxes(boxes, embedding.original_size)
-        boxes_t = torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
+        boxes_t = self.input_frame_boxes(boxes, embedding.original_size)
         dtype = next(self.sam.mask_decoder.parameters()).dtype
         features = embedding.features.to(device=self.device, dtype=dtype)
         chunks = [self._decode(features, embedding, part) for part in boxes_t.split(self.max_boxes_per_batch)]
         return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+    def input_frame_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> torch.Tensor:
+        """Boxes (N, 4) xyxy in original pixels -> (N, 4) float32 in the encoder's input frame, on the device."""
+        scaled = self.transform.apply_boxes(boxes, original_size)
+        return torch.as_tensor(scaled, dtype=torch.float32, device=self.device)
 
     def _decode(self, features: torch.Tensor, embedding: ImageEmbedding,
                 boxes: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +135,15 @@ class SamBoxPredictor:
         logits = self.sam.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
         masks = logits[:, 0] > self.sam.mask_threshold
         return masks.cpu().numpy(), iou[:, 0].float().cpu().numpy()
+
+
+def box_predictor(sam: nn.Module, max_boxes_per_batch: int = 64,
+                  source: EmbeddingSource | None = None) -> SamBoxPredictor:
+    """The box predictor of `sam`'s family: `Sam2BoxPredictor` for a `Sam2ImageModel`, else `SamBoxPredictor`."""
+    if isinstance(sam, Sam2ImageModel):
+        from carsam.eval.sam2_inference import Sam2BoxPredictor
+        return Sam2BoxPredictor(sam, max_boxes_per_batch, source)
+    return SamBoxPredictor(sam, max_boxes_per_batch, source)
 
 
 def run_image(predictor: SamBoxPredictor, dataset: CocoBoxPrompts, image_id: int, encoder_only: bool = False) -> None:

@@ -34,6 +34,7 @@ from segment_anything.modeling import transformer
 from torch import Tensor, nn
 
 from carsam.models.adapters import LinearLayer, QuantDecoderAttention
+from carsam.models.architecture import decoder_attentions
 from carsam.quant.quantizers import QuantizerBase
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ def is_bimodal(keys: Tensor, threshold: float = BIMODALITY_THRESHOLD) -> bool:
 
 
 def _projections(attn: DecoderAttention) -> tuple[LinearLayer, LinearLayer]:
-    if not isinstance(attn, (transformer.Attention, QuantDecoderAttention)):
+    if not isinstance(attn, (*decoder_attentions(), QuantDecoderAttention)):
         raise TypeError(f"fold_signs_ needs a decoder Attention or QuantDecoderAttention, got {type(attn).__name__}")
-    return attn.q_proj, attn.k_proj
+    return getattr(attn, "q_proj"), getattr(attn, "k_proj")  # (isinstance on a computed tuple does not narrow)
 
 
 def fold_signs_(attn: DecoderAttention, signs: Tensor) -> DecoderAttention:

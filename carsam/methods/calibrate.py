@@ -9,7 +9,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from carsam.data.coco import CocoBoxPrompts
-from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
+from carsam.eval.inference import EmbeddingSource, box_predictor, protocol_pass
 from carsam.models.quantize import calibrate_weights_, quantize_
 from carsam.quant.quantizers import QuantMode, iter_quantizers
 from carsam.quant.state import assert_quant_mode, set_quant_mode
@@ -39,7 +39,7 @@ def calibrate_(sam: Sam, calib: CocoBoxPrompts, *, progress: bool = False,
     calibrate_weights_(sam)
     set_quant_mode(sam, QuantMode.CALIBRATE)
     with torch.no_grad():  # not inference_mode: observer state must stay usable by later autograd steps
-        protocol_pass(SamBoxPredictor(sam, source=source), calib, progress=progress, desc="calibrate")
+        protocol_pass(box_predictor(sam, source=source), calib, progress=progress, desc="calibrate")
     set_quant_mode(sam, QuantMode.QUANTIZED)
     assert_quant_mode(sam, QuantMode.QUANTIZED)
     uncalibrated = [path for path, q in iter_quantizers(sam) if not q.is_calibrated]

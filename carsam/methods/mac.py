@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from carsam.eval.inference import EmbeddingSource, ImageEmbedding, SamBoxPredictor
+from carsam.eval.inference import EmbeddingSource, ImageEmbedding, SamBoxPredictor, box_predictor
 from carsam.methods.mac_math import (
     MacError,
     heads_to_rows,
@@ -354,7 +354,7 @@ def _run_image(predictor: SamBoxPredictor, calib: CocoBoxPrompts, image_id: int,
     if embedding is None:
         embedding = predictor.embed_image(calib, image_id)
         if embeddings is not None:
-            embeddings[(image_id, phase)] = dataclasses.replace(embedding, features=embedding.features.cpu())
+            embeddings[(image_id, phase)] = embedding.to("cpu")
     if not encoder_only:
         predictor.predict(embedding, calib.prompts(image_id)[0])
 
@@ -364,7 +364,7 @@ def sam_samples(sam: nn.Module, calib: CocoBoxPrompts, encoder_only: bool,
                 source: EmbeddingSource | None = None) -> list[Sample]:
     """One `Sample` per calibration image with prompts (`encoder_only`: stop after the encoder); `source`:
     where the predictor gets image embeddings (the run's embedding store; None: encode)."""
-    predictor = SamBoxPredictor(sam, source=source)
+    predictor = box_predictor(sam, source=source)
     ids = [i for i in calib.image_ids if len(calib.prompts(i)[0])]
     if not ids:
         raise MacError("MAC: the calibration set has no image with a prompt box")

@@ -36,15 +36,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from segment_anything.modeling import transformer
 from torch import Tensor, nn
 
-from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
+from carsam.eval.inference import EmbeddingSource, box_predictor, protocol_pass
 from carsam.methods.big import BIMODALITY_THRESHOLD, DecoderAttention, bimodality_coefficient, integrate_bimodal_
 from carsam.methods.calibrate import calibrate_, calibration_counts
 from carsam.methods.qdrop import qdrop_recipe
 from carsam.methods.registry import Method, register
-from carsam.models.adapters import AttentionTwin, QuantDecoderAttention, QuantEncoderAttention
+from carsam.models.adapters import ATTENTION_TWINS, AttentionTwin
+from carsam.models.architecture import two_way_blocks
 from carsam.models.finite import check_finite_
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE, quantize_
 from carsam.quant.logquant import TAUS, LogQuantizer, pv_error
@@ -80,14 +80,14 @@ def _hooked(hooks: list[tuple[nn.Module, Any, bool]]) -> Iterator[None]:
 def fp_calibration_pass(sam: nn.Module, calib: CocoBoxPrompts, source: EmbeddingSource | None = None) -> None:
     """Run the FP model (every quantizer in FP mode, restored after) over `calib` the protocol way."""
     with eval_no_grad(sam), quant_modes_set(sam, QuantMode.FP):
-        protocol_pass(SamBoxPredictor(sam, source=source), calib)
+        protocol_pass(box_predictor(sam, source=source), calib)
 
 
 def token_to_image_attentions(sam: nn.Module) -> dict[str, DecoderAttention]:
     """The decoder's token->image attentions by path: each block's cross attention, then the final one."""
     scope = sam.get_submodule(DECODER_SCOPE)
     found = {f"{DECODER_SCOPE}.{path}.{name}": block.get_submodule(name) for path, block in scope.named_modules()
-             if isinstance(block, transformer.TwoWayAttentionBlock) for name in TOKEN_TO_IMAGE}
+             if isinstance(block, two_way_blocks()) for name in TOKEN_TO_IMAGE}
     found[f"{DECODER_SCOPE}.{FINAL_TOKEN_TO_IMAGE}"] = scope.get_submodule(FINAL_TOKEN_TO_IMAGE)
     return found
 
@@ -130,10 +130,10 @@ def softmax_attentions(sam: nn.Module, encoder: bool) -> dict[str, AttentionTwin
     """Quantized attentions whose softmax-probability quantizer AGQ replaces: the decoder's, and the
     encoder's if `encoder`. Attentions whose probabilities stay FP (`nn.Identity`) are left out."""
     scopes = [DECODER_SCOPE] + ([ENCODER_SCOPE] if encoder else [])
-    found = {}
+    found: dict[str, AttentionTwin] = {}
     for scope in scopes:
         for path, module in sam.get_submodule(scope).named_modules():
-            if isinstance(module, (QuantDecoderAttention, QuantEncoderAttention)) and \
+            if isinstance(module, ATTENTION_TWINS) and \
                     isinstance(module.pv_matmul.lhs_quantizer, QuantizerBase):
                 found[f"{scope}.{path}"] = module
     return found

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
-from segment_anything.modeling import image_encoder, transformer
+import torch.nn.functional as F
+from segment_anything.modeling import image_encoder
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
 from carsam.quant.modules import MatMulEpilogue, QuantLinear, QuantMatMul
-from carsam.quant.quantizers import UniformQuantizer
+from carsam.quant.quantizers import QuantizerBase, QuantMode, UniformQuantizer
 
 QuantizerFactory = Callable[[str], UniformQuantizer | None]
 LinearLayer = nn.Linear | QuantLinear  # what `quantize_linear` returns
@@ -33,6 +35,33 @@ QUERY_QUANTIZER = "qk_matmul.lhs_quantizer"  # Q (scaled by 1/sqrt(d) in the enc
 KEY_QUANTIZER = "qk_matmul.rhs_quantizer"  # K transposed
 PROBS_QUANTIZER = "pv_matmul.lhs_quantizer"  # softmax probabilities: unsigned
 VALUE_QUANTIZER = "pv_matmul.rhs_quantizer"  # V
+
+
+FP_KERNELS = ("explicit", "sdpa")  # how an attention twin computes its FP product: SAM v1's ops, or SAM2's kernel
+
+
+def passes_through(quantizer: nn.Module) -> bool:
+    """Whether `quantizer` returns its input unchanged now: `nn.Identity` or a quantizer in FP mode."""
+    if isinstance(quantizer, nn.Identity):
+        return True
+    return isinstance(quantizer, QuantizerBase) and quantizer.mode is QuantMode.FP
+
+
+def is_observed(module: nn.Module) -> bool:
+    """Whether a forward (pre-)hook would see `module` or a module inside it run (global hooks included)."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def sdpa_is_exact(qk_matmul: QuantMatMul, pv_matmul: QuantMatMul) -> bool:
+    """Whether a twin of a SAM2 attention may run SAM2's own `F.scaled_dot_product_attention` in place of its two
+    named MatMuls: every operand quantizer passes its input through and nothing observes the MatMuls. Then the
+    twin is bit-identical to the original (the explicit MatMuls agree with the fused kernel to float rounding,
+    about 1e-7, but not bit for bit); calibration, diagnostics hooks and any quantized operand take the MatMuls.
+    """
+    quantizers = (qk_matmul.lhs_quantizer, qk_matmul.rhs_quantizer, pv_matmul.lhs_quantizer, pv_matmul.rhs_quantizer)
+    return all(passes_through(q) for q in quantizers) and not (is_observed(qk_matmul) or is_observed(pv_matmul))
 
 
 def quantize_linear(linear: nn.Linear, name: str, make_weight_q: QuantizerFactory,
@@ -53,28 +82,34 @@ def quant_matmul(name: str, make_act_q: QuantizerFactory) -> QuantMatMul:
 
 
 class QuantDecoderAttention(nn.Module):
-    """Twin of the mask decoder's `Attention` (optionally downscaled internal dim).
+    """Twin of the mask decoder's `Attention` (optionally downscaled internal dim), SAM v1's or SAM2's.
 
     Forward: q `(B, Nq, E)`, k `(B, Nk, E)`, v `(B, Nk, E)` -> `(B, Nq, E)`, via per-head
     `qk_matmul(Q, Kᵀ)` `(B, h, Nq, Nk)`, `/ sqrt(d)`, softmax, `pv_matmul(P, V)` `(B, h, Nq, d)`.
+    `fp_kernel="sdpa"` (SAM2's twins) runs `F.scaled_dot_product_attention`, as SAM2 does, while
+    `sdpa_is_exact` holds.
     """
 
     def __init__(self, embedding_dim: int, internal_dim: int, num_heads: int, q_proj: LinearLayer, k_proj: LinearLayer,
-                 v_proj: LinearLayer, out_proj: LinearLayer, qk_matmul: QuantMatMul, pv_matmul: QuantMatMul) -> None:
+                 v_proj: LinearLayer, out_proj: LinearLayer, qk_matmul: QuantMatMul, pv_matmul: QuantMatMul,
+                 fp_kernel: str = "explicit") -> None:
         super().__init__()
+        if fp_kernel not in FP_KERNELS:
+            raise ValueError(f"fp_kernel must be one of {FP_KERNELS}, got '{fp_kernel}'")
         self.embedding_dim, self.internal_dim, self.num_heads = embedding_dim, internal_dim, num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
         self.qk_matmul, self.pv_matmul = qk_matmul, pv_matmul
+        self.fp_kernel = fp_kernel
 
     @classmethod
-    def from_attention(cls, attn: transformer.Attention, make_weight_q: QuantizerFactory,
-                       make_act_q: QuantizerFactory) -> QuantDecoderAttention:
-        """Build the twin of `attn`, sharing its Parameters."""
+    def from_attention(cls, attn: Any, make_weight_q: QuantizerFactory, make_act_q: QuantizerFactory,
+                       fp_kernel: str = "explicit") -> QuantDecoderAttention:
+        """Build the twin of `attn` (`segment_anything`'s or `sam2`'s decoder `Attention`), sharing its Parameters."""
         linears = [quantize_linear(getattr(attn, n), n, make_weight_q, make_act_q)
                    for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
         projections = cast("tuple[LinearLayer, LinearLayer, LinearLayer, LinearLayer]", linears)  # one per name
-        return cls(attn.embedding_dim, attn.internal_dim, attn.num_heads, *projections,
-                   quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q))
+        return cls(int(attn.embedding_dim), int(attn.internal_dim), int(attn.num_heads), *projections,
+                   quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q), fp_kernel)
 
     @staticmethod
     def separate_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -92,6 +127,8 @@ class QuantDecoderAttention(nn.Module):
         q = self.separate_heads(self.q_proj(q), self.num_heads)
         k = self.separate_heads(self.k_proj(k), self.num_heads)
         v = self.separate_heads(self.v_proj(v), self.num_heads)
+        if self.fp_kernel == "sdpa" and sdpa_is_exact(self.qk_matmul, self.pv_matmul):
+            return self.out_proj(self.recombine_heads(F.scaled_dot_product_attention(q, k, v)))
         attn = self.qk_matmul(q, k.permute(0, 1, 3, 2))
         attn = attn / math.sqrt(q.shape[-1])
         attn = torch.softmax(attn, dim=-1)
@@ -99,7 +136,8 @@ class QuantDecoderAttention(nn.Module):
         return self.out_proj(out)
 
     def extra_repr(self) -> str:
-        return f"embedding_dim={self.embedding_dim}, internal_dim={self.internal_dim}, num_heads={self.num_heads}"
+        return (f"embedding_dim={self.embedding_dim}, internal_dim={self.internal_dim}, num_heads={self.num_heads}, "
+                f"fp_kernel={self.fp_kernel}")
 
 
 REL_POS_QUERIES = ("quantized", "fp")  # which Q the encoder's relative-position term reads
@@ -165,4 +203,48 @@ class QuantEncoderAttention(nn.Module):
         return f"num_heads={self.num_heads}, use_rel_pos={self.use_rel_pos}, rel_pos_query={self.rel_pos_query}"
 
 
-AttentionTwin = QuantDecoderAttention | QuantEncoderAttention
+class QuantHieraAttention(nn.Module):
+    """Twin of Hiera's `MultiScaleAttention`.
+
+    Forward: x `(B, H, W, C)` (B: images x windows) -> `(B, H', W', C_out)` (`H' = H / stride` when Q is pooled):
+    `qkv` -> Q, K, V `(B, heads, HW, d)` (Q max-pooled in FP when `q_pool`), `qk_matmul(Q * d^-0.5, Kᵀ)`
+    `(B, heads, H'W', HW)`, softmax, `pv_matmul(P, V)`, `proj`.
+    """
+
+    def __init__(self, dim_out: int, num_heads: int, qkv: LinearLayer, proj: LinearLayer, qk_matmul: QuantMatMul,
+                 pv_matmul: QuantMatMul, q_pool: nn.Module | None) -> None:
+        super().__init__()
+        self.dim_out, self.num_heads = dim_out, num_heads
+        self.qkv, self.proj, self.qk_matmul, self.pv_matmul = qkv, proj, qk_matmul, pv_matmul
+        self.q_pool = q_pool  # the block's own MaxPool2d (shared, as in SAM2), or None
+        self.scale = (dim_out // num_heads) ** -0.5  # SDPA's default scale
+
+    @classmethod
+    def from_attention(cls, attn: Any, make_weight_q: QuantizerFactory,
+                       make_act_q: QuantizerFactory) -> QuantHieraAttention:
+        """Build the twin of `attn` (SAM2's `MultiScaleAttention`), sharing its Parameters and Q-pooling module."""
+        return cls(int(attn.dim_out), int(attn.num_heads), quantize_linear(attn.qkv, "qkv", make_weight_q, make_act_q),
+                   quantize_linear(attn.proj, "proj", make_weight_q, make_act_q),
+                   quant_matmul("qk_matmul", make_act_q), quant_matmul("pv_matmul", make_act_q), attn.q_pool)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).unbind(2)  # each (B, HW, heads, d)
+        if self.q_pool is not None:
+            q = self.q_pool(q.reshape(b, h, w, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # as hieradet.do_pool
+            h, w = q.shape[1:3]
+            q = q.reshape(b, h * w, self.num_heads, -1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, d)
+        if sdpa_is_exact(self.qk_matmul, self.pv_matmul):
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            probs = self.qk_matmul(q * self.scale, k.transpose(-2, -1)).softmax(dim=-1)
+            out = self.pv_matmul(probs, v)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+    def extra_repr(self) -> str:
+        return f"dim_out={self.dim_out}, num_heads={self.num_heads}, q_pool={self.q_pool is not None}"
+
+
+AttentionTwin = QuantDecoderAttention | QuantEncoderAttention | QuantHieraAttention
+ATTENTION_TWINS = (QuantDecoderAttention, QuantEncoderAttention, QuantHieraAttention)  # for isinstance

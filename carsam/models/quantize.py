@@ -9,6 +9,13 @@ What stays full precision (`FP_MODULES`, plus LayerNorms and the encoder's relat
 are never swapped): patch embedding, positional embeddings, the prompt encoder, `output_upscaling`,
 `output_hypernetworks_mlps`, `iou_prediction_head`.
 
+SAM2 (`carsam.models.sam2_image.Sam2ImageModel`, the same two scope paths): in `image_encoder` every Hiera
+block's attention (twin: `qkv`, `proj`, both MatMuls; Q pooling stays FP), its MLP and stage-change `proj`
+Linears, and the FPN neck's convs; in `mask_decoder.transformer` what SAM v1 quantizes there. FP
+(`SAM2_FP_MODULES`): the patch embedding and positional embeddings, the high-resolution convs `conv_s0`/`conv_s1`
+(they feed the FP mask upscaling directly, as part of it), `no_mem_embed`, the prompt encoder, the mask
+upscaling, the hypernetwork MLPs, the IoU head and the object-score head (unused by box prompting).
+
 Modules are found by type (`segment_anything` Attention classes, `nn.Linear`, `nn.Conv2d`) inside the
 two scopes; the only paths named are the scopes and the documented FP list. Weights: per output
 channel; activations and MatMul operands: per tensor; the softmax probabilities always use an unsigned
@@ -33,8 +40,10 @@ from carsam.models.adapters import (
     REL_POS_QUERIES,
     QuantDecoderAttention,
     QuantEncoderAttention,
+    QuantHieraAttention,
     quantize_linear,
 )
+from carsam.models.sam2_image import is_sam2
 from carsam.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantized_weight_modules
 from carsam.quant.observers import OBSERVERS
 from carsam.quant.primitives import SYMMETRIC_SCALES, validate_bits
@@ -52,7 +61,21 @@ FP_MODULES: tuple[str, ...] = (
     "mask_decoder.output_hypernetworks_mlps",
     "mask_decoder.iou_prediction_head",
 )
-QUANT_TYPES = (QuantLinear, QuantConv2d, QuantMatMul, QuantDecoderAttention, QuantEncoderAttention, UniformQuantizer)
+SAM2_FP_MODULES: tuple[str, ...] = (
+    "image_encoder.trunk.patch_embed",
+    "image_encoder.trunk.pos_embed",  # Parameters of the trunk, never swapped; listed for completeness
+    "image_encoder.trunk.pos_embed_window",
+    "image_encoder.conv_s0",
+    "image_encoder.conv_s1",
+    "image_encoder.no_mem_embed",
+    "prompt_encoder",
+    "mask_decoder.output_upscaling",
+    "mask_decoder.output_hypernetworks_mlps",
+    "mask_decoder.iou_prediction_head",
+    "mask_decoder.pred_obj_score_head",
+)
+QUANT_TYPES = (QuantLinear, QuantConv2d, QuantMatMul, QuantDecoderAttention, QuantEncoderAttention, QuantHieraAttention,
+               UniformQuantizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +158,14 @@ def path_matches(path: str, glob: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), glob) for i in range(1, len(parts) + 1))
 
 
-def is_fp_module(path: str) -> bool:
-    """Whether `path` is in `FP_MODULES` or inside one of them."""
-    return any(path == fp or path.startswith(fp + ".") for fp in FP_MODULES)
+def fp_modules(model: nn.Module) -> tuple[str, ...]:
+    """The documented FP list of `model`'s family: `SAM2_FP_MODULES` for SAM2, else `FP_MODULES`."""
+    return SAM2_FP_MODULES if is_sam2(model) else FP_MODULES
+
+
+def is_fp_module(path: str, fp_list: tuple[str, ...] = FP_MODULES) -> bool:
+    """Whether `path` is in `fp_list` (default SAM v1's `FP_MODULES`) or inside one of them."""
+    return any(path == fp or path.startswith(fp + ".") for fp in fp_list)
 
 
 class QuantizerMaker:
@@ -173,8 +201,14 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters(), torch.empty(0)).device
 
 
-def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig) -> nn.Module | None:
-    """The quantized replacement of `child` (at `path`, named `name` in its parent), or None to recurse."""
+def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig, sam2: bool) -> nn.Module | None:
+    """The quantized replacement of `child` (at `path`, named `name` in its parent), or None to recurse.
+    `sam2`: the model is a `Sam2ImageModel` (its attentions are SAM2's)."""
+    if sam2:
+        from carsam.models.sam2_adapters import SAM2_ATTENTIONS, sam2_attention_twin
+        if isinstance(child, SAM2_ATTENTIONS):
+            maker = QuantizerMaker(config, path, _device(child))
+            return sam2_attention_twin(child, maker.weight, maker.act)
     if isinstance(child, (transformer.Attention, image_encoder.Attention)):
         maker = QuantizerMaker(config, path, _device(child))
         if isinstance(child, transformer.Attention):
@@ -191,15 +225,16 @@ def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig)
     return None
 
 
-def _swap_children(parent: nn.Module, prefix: str, config: QuantConfig) -> None:
+def _swap_children(parent: nn.Module, prefix: str, config: QuantConfig, fp_list: tuple[str, ...],
+                   sam2: bool) -> None:
     """Replace, recursively and in place, the quantizable children of `parent` (at path `prefix`)."""
     for name, child in list(parent.named_children()):
         path = f"{prefix}.{name}"
-        if is_fp_module(path) or isinstance(child, QUANT_TYPES):
+        if is_fp_module(path, fp_list) or isinstance(child, QUANT_TYPES):
             continue
-        twin = _quantized_twin(child, name, path, config)
+        twin = _quantized_twin(child, name, path, config, sam2)
         if twin is None:
-            _swap_children(child, path, config)
+            _swap_children(child, path, config, fp_list, sam2)
         elif twin is not child:
             setattr(parent, name, twin)
 
@@ -212,7 +247,7 @@ def quantize_(sam: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
     """
     scopes = [s for s, on in ((ENCODER_SCOPE, config.quantize_encoder), (DECODER_SCOPE, config.quantize_decoder)) if on]
     for scope in scopes:
-        _swap_children(sam.get_submodule(scope), scope, config)
+        _swap_children(sam.get_submodule(scope), scope, config, fp_modules(sam), is_sam2(sam))
     counts = Counter(type(m).__name__ for m in sam.modules() if isinstance(m, QUANT_TYPES))
     logger.info("quantize_: %s", dict(sorted(counts.items())))
     return sam

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from carsam.data.coco import CocoBoxPrompts
-from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, protocol_pass
+from carsam.eval.inference import EmbeddingSource, box_predictor, protocol_pass
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
 from carsam.recon.spans import span_states, transformer_inputs
@@ -213,7 +213,7 @@ def _capture_pass(sam: nn.Module, unit: ReconUnit, calib: CocoBoxPrompts, mode: 
 
     try:
         with eval_no_grad(sam), quant_modes_set(sam, mode):
-            protocol_pass(SamBoxPredictor(sam, max_boxes, source=source), calib, encoder_only=unit.in_encoder,
+            protocol_pass(box_predictor(sam, max_boxes, source=source), calib, encoder_only=unit.in_encoder,
                           after_image=collect)
     finally:
         recorder.remove()

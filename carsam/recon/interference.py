@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, run_image
+from carsam.eval.inference import EmbeddingSource, box_predictor, run_image
 from carsam.models.quantize import DECODER_SCOPE
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
@@ -58,7 +58,7 @@ def transformer_calls(sam: nn.Module, calib: CocoBoxPrompts, image_id: int, mode
     handle = sam.get_submodule(DECODER_SCOPE).register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with quant_modes_set(sam, mode):
-            run_image(SamBoxPredictor(sam, source=source), calib, image_id)
+            run_image(box_predictor(sam, source=source), calib, image_id)
     finally:
         handle.remove()
     return calls

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple, cast
 from segment_anything.modeling import transformer as sam_transformer
 from torch import Tensor, nn
 
+from carsam.models.architecture import two_way_transformers
+
 PROLOGUE = "prologue"
 STEP_KINDS = ("self_attn", "token_to_image", "mlp", "image_to_token")
 TRANSFORMER_INPUTS = ("image_embedding", "image_pe", "point_embedding")
@@ -96,7 +98,7 @@ class DecoderStep(nn.Module):
 
 
 def _check_transformer(module: nn.Module) -> sam_transformer.TwoWayTransformer:
-    if not isinstance(module, sam_transformer.TwoWayTransformer):
+    if not isinstance(module, two_way_transformers()):
         raise TypeError(f"expected a TwoWayTransformer, got {type(module).__name__}")
     return module
 

@@ -34,18 +34,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from segment_anything.modeling import image_encoder, transformer
-from segment_anything.modeling.common import MLPBlock
 from torch import Tensor, nn
 
-from carsam.models.adapters import QuantDecoderAttention, QuantEncoderAttention
+from carsam.models.adapters import QuantDecoderAttention
+from carsam.models.architecture import decoder_attentions, decoder_mlps, encoder_blocks, two_way_blocks
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
 from carsam.recon.spans import DecoderSpan, DecoderStep, decoder_steps, final_step, layer_steps
 
 logger = logging.getLogger(__name__)
 
-DECODER_ATTENTION = (transformer.Attention, QuantDecoderAttention)
-ENCODER_ATTENTION = (image_encoder.Attention, QuantEncoderAttention)
 SINGLE_STREAM = ("out",)
 BLOCK_STREAMS = ("queries", "keys")
 FINAL_ATTENTION = "final_attn_token_to_image"
@@ -109,12 +106,12 @@ def _unit(path: str, kind: str, streams: tuple[str, ...] = SINGLE_STREAM) -> Rec
 def _decoder_blocks(sam: nn.Module) -> list[tuple[str, nn.Module]]:
     scope = sam.get_submodule(DECODER_SCOPE)
     return [(f"{DECODER_SCOPE}.{p}", m) for p, m in scope.named_modules()
-            if isinstance(m, transformer.TwoWayAttentionBlock)]
+            if isinstance(m, two_way_blocks())]
 
 
 def _final_attention(sam: nn.Module) -> ReconUnit:
     path = f"{DECODER_SCOPE}.{FINAL_ATTENTION}"
-    if not isinstance(sam.get_submodule(path), DECODER_ATTENTION):
+    if not isinstance(sam.get_submodule(path), (*decoder_attentions(), QuantDecoderAttention)):
         raise TypeError(f"'{path}' is not a decoder attention")
     return _unit(path, "attention")
 
@@ -125,9 +122,9 @@ def attention_mlp_units(sam: nn.Module) -> list[ReconUnit]:
     for block_path, block in _decoder_blocks(sam):
         for name in BLOCK_ORDER:
             child = block.get_submodule(name)
-            if isinstance(child, DECODER_ATTENTION):
+            if isinstance(child, (*decoder_attentions(), QuantDecoderAttention)):
                 units.append(_unit(f"{block_path}.{name}", "attention"))
-            elif isinstance(child, MLPBlock):
+            elif isinstance(child, decoder_mlps()):
                 units.append(_unit(f"{block_path}.{name}", "mlp"))
             else:
                 raise TypeError(f"'{block_path}.{name}' is a {type(child).__name__}, not an attention or MLP")
@@ -181,10 +178,10 @@ def decoder_units(sam: nn.Module) -> list[ReconUnit]:
 
 
 def encoder_block_units(sam: nn.Module) -> list[ReconUnit]:
-    """Each image-encoder `Block`, in order."""
+    """Each image-encoder block (SAM v1's ViT `Block`, SAM2's Hiera `MultiScaleBlock`), in order."""
     scope = sam.get_submodule(ENCODER_SCOPE)
     return [_unit(f"{ENCODER_SCOPE}.{p}", "encoder_block") for p, m in scope.named_modules()
-            if isinstance(m, image_encoder.Block)]
+            if isinstance(m, encoder_blocks())]
 
 
 GROUPINGS: dict[str, Callable[[nn.Module], list[ReconUnit]]] = {

@@ -21,8 +21,11 @@ from carsam.data.coco import CocoBoxPrompts
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.eval.evaluate import evaluate
 from carsam.files import file_sha256, write_text_atomic
+from carsam.models.checkpoint import apply_state_dict, load_state_dict
 from carsam.record import git_commit, library_versions
-from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
+from carsam.testbed.frames import frame_for
+from carsam.testbed.sam2_spec import Sam2TestbedSpec, build_sam2_testbed
+from carsam.testbed.spec import TestbedSpec, build_testbed_sam
 from carsam.testbed.train import TrainSpec, init_token_embeddings_, load_training_set, save_checkpoint, train_testbed
 
 logger = logging.getLogger(__name__)
@@ -31,38 +34,51 @@ CARD_NAME = "testbed.json"
 
 
 TRAIN_STATE_NAME = "train_state.pt"
+ARCHITECTURES = ("sam", "sam2")  # the v1 testbed's (segment_anything classes) or the SAM2 testbed's (sam2's)
 
 
-def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpec,
+def _architecture_spec(architecture: str) -> TestbedSpec | Sam2TestbedSpec:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got '{architecture}'")
+    return TestbedSpec() if architecture == "sam" else Sam2TestbedSpec()
+
+
+def _build(model_spec: TestbedSpec | Sam2TestbedSpec) -> Sam:
+    return build_testbed_sam(model_spec) if isinstance(model_spec, TestbedSpec) else build_sam2_testbed(model_spec)
+
+
+def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpec | Sam2TestbedSpec,
                        state_path: Path | None = None) -> tuple[Sam, list[dict], float]:
     """Seeded init + training on `root`'s train split (resumed from `state_path` if it exists); returns
     (model, history, training seconds over every session)."""
     torch.manual_seed(train_spec.seed)
-    sam = build_testbed_sam(model_spec)
+    sam = _build(model_spec)
     init_token_embeddings_(sam, train_spec.token_init_std, train_spec.token_init_scope)
-    data = load_training_set(root / "images" / "train", root / "instances_train.json", model_spec.img_size)
+    data = load_training_set(root / "images" / "train", root / "instances_train.json", frame_for(sam))
     history = train_testbed(sam, data, train_spec, state_path)
     return sam, history, history[-1]["seconds"] if history else 0.0
 
 
-def fp_metrics(checkpoint: Path, root: Path) -> dict[str, float]:
+def fp_metrics(checkpoint: Path, root: Path, model_spec: TestbedSpec | Sam2TestbedSpec) -> dict[str, float]:
     """FP metrics of the stored (fp16 -> fp32) checkpoint on the val split."""
     val = CocoBoxPrompts(root / "images" / "val", root / "instances_val.json", root / "prompts_val.json")
-    return evaluate(build_testbed_from_checkpoint(checkpoint), val).metrics
+    model = apply_state_dict(_build(model_spec), load_state_dict(checkpoint), "testbed", checkpoint)
+    return evaluate(model, val).metrics
 
 
 def publish(sam: Sam, out_dir: Path, root: Path, data_spec: SyntheticSpec, train_spec: TrainSpec,
-            history: list[dict], seconds: float) -> dict[str, Any]:
+            history: list[dict], seconds: float, model_spec: TestbedSpec | Sam2TestbedSpec) -> dict[str, Any]:
     """Save `sam` and its card into `out_dir`; an existing pair is replaced only after the card is ready."""
     staged = save_checkpoint(sam, out_dir / f"{CHECKPOINT_NAME}.new")
     card = {
         "checkpoint": CHECKPOINT_NAME, "checkpoint_bytes": staged.stat().st_size,
         "checkpoint_sha256": file_sha256(staged), "storage_dtype": "float16",
-        "testbed_spec": dataclasses.asdict(TestbedSpec()), "train_spec": dataclasses.asdict(train_spec),
+        "architecture": "sam" if isinstance(model_spec, TestbedSpec) else "sam2",
+        "testbed_spec": dataclasses.asdict(model_spec), "train_spec": dataclasses.asdict(train_spec),
         "data_spec": dataclasses.asdict(data_spec),
         "train_annotations_sha256": file_sha256(root / "instances_train.json"),
         "train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
-        "fp_metrics": fp_metrics(staged, root), "history": history,
+        "fp_metrics": fp_metrics(staged, root, model_spec), "history": history,
         "versions": library_versions(), "git_commit": git_commit(),
     }
     staged.replace(out_dir / CHECKPOINT_NAME)
@@ -72,14 +88,17 @@ def publish(sam: Sam, out_dir: Path, root: Path, data_spec: SyntheticSpec, train
 
 def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | None = None,
                   out_dir: str | Path = "build/testbed", recipe: dict[str, Any] | None = None,
-                  family: str = "shapes") -> dict[str, Any]:
+                  family: str = "shapes", architecture: str = "sam") -> dict[str, Any]:
     """Generate the data of `family` and `seed`, train, and write `testbed_sam.pth` + `testbed.json` into `out_dir`.
+
+    `architecture`: `sam` (the v1 testbed's, `TestbedSpec`) or `sam2` (the SAM2 testbed's, `Sam2TestbedSpec`).
 
     `recipe` overrides `TrainSpec` fields (e.g. `{"decay_scope": "matrices"}`); `steps` overrides its steps.
     The training state is kept in `out_dir/train_state.pt` every `checkpoint_every` steps, so an interrupted
     build resumes where it stopped when run again with the same arguments (a state of another recipe is
     refused). The shipped pair lives in `carsam/testbed/`; copy a new build there to ship it.
     """
+    model_spec = _architecture_spec(architecture)
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
     fields = {f.name for f in dataclasses.fields(TrainSpec)} - {"seed"}
@@ -91,5 +110,5 @@ def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | No
     train_spec = TrainSpec(seed=seed, **{**(recipe or {}), **({"steps": steps} if steps else {})})
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    sam, history, seconds = train_from_scratch(root, train_spec, TestbedSpec(), folder / TRAIN_STATE_NAME)
-    return publish(sam, folder, root, data_spec, train_spec, history, seconds)
+    sam, history, seconds = train_from_scratch(root, train_spec, model_spec, folder / TRAIN_STATE_NAME)
+    return publish(sam, folder, root, data_spec, train_spec, history, seconds, model_spec)

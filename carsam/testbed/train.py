@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from segment_anything.modeling import Sam
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 from carsam.files import replace_atomic
+from carsam.testbed.frames import SamFrame, frame_for
 
 logger = logging.getLogger(__name__)
 
@@ -106,20 +106,19 @@ class TrainingSet:
     masks: list[torch.Tensor]
 
 
-def load_training_set(images_dir: Path, annotations_file: Path, img_size: int) -> TrainingSet:
-    """Read a COCO-format split and resize every image and mask to the model's input frame."""
+def load_training_set(images_dir: Path, annotations_file: Path, frame: SamFrame) -> TrainingSet:
+    """Read a COCO-format split and resize every image and mask to the model's input frame (`frame`'s)."""
     coco = json.loads(Path(annotations_file).read_text())
     by_image: dict[int, list[dict]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
-    resize = ResizeLongestSide(img_size)
     images, masks = [], []
     for info in coco["images"]:
         anns = by_image.get(info["id"], [])
         if not anns:
             continue
         pixels = np.asarray(Image.open(Path(images_dir) / info["file_name"]).convert("RGB"))
-        resized = resize.apply_image(pixels)
+        resized = frame.resize(pixels)
         h, w = resized.shape[:2]
         decoded = np.stack([mask_utils.decode(a["segmentation"]) for a in anns])
         inst = F.interpolate(torch.from_numpy(decoded)[None].float(), size=(h, w), mode="nearest")[0] > 0.5
@@ -145,13 +144,13 @@ def _jitter(boxes: torch.Tensor, rel: float, gen: torch.Generator, limit: int) -
     return noisy.clamp(0, limit)
 
 
-def sample_batch(data: TrainingSet, spec: TrainSpec, sam: Sam, gen: torch.Generator):
+def sample_batch(data: TrainingSet, spec: TrainSpec, frame: SamFrame, gen: torch.Generator):
     """One training batch.
 
-    Returns images (B, 3, S, S) normalised and padded, per-image prompt boxes [(k_i, 4)] and
-    target masks [(k_i, S, S) float] in the padded input frame, S = img_size.
+    Returns images (B, 3, S, S) normalised (and padded, SAM v1), per-image prompt boxes [(k_i, 4)] and
+    target masks [(k_i, S, S) float] in the input frame, S = the model's input size.
     """
-    size = sam.image_encoder.img_size
+    size = frame.size
     idx = torch.randint(len(data.images), (spec.images_per_step,), generator=gen)
     images, boxes, targets = [], [], []
     for i in idx.tolist():
@@ -160,10 +159,9 @@ def sample_batch(data: TrainingSet, spec: TrainSpec, sam: Sam, gen: torch.Genera
             img, masks = img.flip(-1), masks.flip(-1)
         pick = torch.randperm(masks.shape[0], generator=gen)[: spec.boxes_per_image]
         masks = masks[pick]
-        images.append(sam.preprocess(img[None])[0])
+        images.append(frame.to_input(img))
         boxes.append(_jitter(_boxes_from_masks(masks), spec.box_jitter, gen, size))
-        pad = (0, size - masks.shape[-1], 0, size - masks.shape[-2])
-        targets.append(F.pad(masks.float(), pad))
+        targets.append(frame.to_target(masks.float()))
     return torch.stack(images), boxes, targets
 
 
@@ -184,17 +182,6 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, iou_pred: torc
     iou_loss = F.mse_loss(iou_pred, true_iou, reduction="none")
     total = (focal_weight * focal + dice + iou_loss).mean()
     return total, {"focal": focal.mean().item(), "dice": dice.mean().item(), "iou": true_iou.mean().item()}
-
-
-def forward_boxes(sam: Sam, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-mask logits (k, S, S) in the padded input frame and IoU predictions (k,)."""
-    sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
-    low_res, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                    multimask_output=False)
-    size = sam.image_encoder.img_size
-    logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
-    return logits[:, 0], iou[:, 0]
 
 
 def _lr_factor(step: int, spec: TrainSpec) -> float:
@@ -261,6 +248,7 @@ def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec,
     time of every session). With `state_path`: resume from it if it exists, save to it every
     `spec.checkpoint_every` steps."""
     gen = torch.Generator().manual_seed(spec.seed)
+    frame = frame_for(sam)
     groups = parameter_groups(sam, spec)
     params = [p for p in sam.parameters() if p.requires_grad]  # model order: the clipped norm's summation order
     opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -283,11 +271,11 @@ def train_testbed(sam: Sam, data: TrainingSet, spec: TrainSpec,
     running: list[dict[str, float]] = []
     start = time.perf_counter()
     for step in range(first, spec.steps):
-        images, boxes, targets = sample_batch(data, spec, sam, gen)
-        embeddings = sam.image_encoder(images)
+        images, boxes, targets = sample_batch(data, spec, frame, gen)
+        features = frame.encode(images)
         losses, stats = [], []
         for i in range(len(boxes)):
-            logits, iou = forward_boxes(sam, embeddings[i : i + 1], boxes[i])
+            logits, iou = frame.decode(features[i], boxes[i])
             loss, stat = segmentation_loss(logits, targets[i], iou, spec.focal_weight)
             losses.append(loss)
             stats.append(stat)

@@ -35,7 +35,7 @@ def test_results_are_scored_detector_score_times_predicted_iou(monkeypatch, smal
         captured.append(results)
         return {"mAP": 0.0, "mAP50": 0.0}
 
-    monkeypatch.setattr(evaluate_module, "SamBoxPredictor", _GroundTruthPredictor)
+    monkeypatch.setattr(evaluate_module, "box_predictor", _GroundTruthPredictor)
     monkeypatch.setattr(evaluate_module, "segm_map", fake_segm_map)
     evaluate_module.evaluate(sam=None, dataset=data)
     expected = []

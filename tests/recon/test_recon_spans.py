@@ -11,6 +11,8 @@ from torch import nn
 from carsam.config import JcarConfig, ReconConfig, RunConfig
 from carsam.methods.calibrate import quantize_calibrate_
 from carsam.methods.jcar import jcar_settings_for
+from carsam.models.adapters import QuantDecoderAttention
+from carsam.models.architecture import decoder_attentions
 from carsam.models.quantize import QuantConfig
 from carsam.quant.adaround import AdaRoundQuantizer
 from carsam.quant.quantizers import QuantMode
@@ -19,7 +21,7 @@ from carsam.recon.block_io import block_io_loss, capture_block_io
 from carsam.recon.driver import UnitRecipe, prepare_unit_, reconstruct_model_, roundable_layers
 from carsam.recon.spans import DecoderSpan, decoder_steps, prologue, run_from, run_steps, span_states, step_names
 from carsam.recon.stage import ReconSettings
-from carsam.recon.units import DECODER_ATTENTION, find_units
+from carsam.recon.units import find_units
 from carsam.run_context import RunContext
 from carsam.testbed.spec import build_testbed_from_checkpoint, build_testbed_sam
 from tests.helpers import rerun_fp
@@ -155,7 +157,7 @@ def _unit_ops(sam: nn.Module, grouping: str) -> list[nn.Module]:
 
 
 def _decoder_ops(transformer: nn.Module) -> list[nn.Module]:
-    return [m for m in transformer.modules() if isinstance(m, (*DECODER_ATTENTION, MLPBlock))]
+    return [m for m in transformer.modules() if isinstance(m, (*decoder_attentions(), QuantDecoderAttention, MLPBlock))]
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])

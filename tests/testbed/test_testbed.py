@@ -10,10 +10,11 @@ import torch
 
 from carsam.models.checkpoint import CheckpointError
 from carsam.testbed import train as train_module
+from carsam.testbed.frames import frame_for
+from carsam.testbed.sam2_spec import build_sam2_testbed
 from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
 from carsam.testbed.train import (
     TrainSpec,
-    forward_boxes,
     init_token_embeddings_,
     is_token_embedding,
     load_training_set,
@@ -57,19 +58,22 @@ def test_loss_is_lower_for_the_true_mask():
     assert good < 0.1 < bad
 
 
-def test_recipe_overfits_a_fixed_batch(small_coco):
+@pytest.mark.parametrize("build", [build_testbed_sam, build_sam2_testbed], ids=["sam", "sam2"])
+def test_recipe_overfits_a_fixed_batch(small_coco, build):
     torch.manual_seed(0)
-    sam = build_testbed_sam().train()
-    data = load_training_set(small_coco["calib_images"], small_coco["calib_annotations"], 128)
+    sam = build().train()
+    frame = frame_for(sam)
+    data = load_training_set(small_coco["calib_images"], small_coco["calib_annotations"], frame)
     spec = TrainSpec(images_per_step=2, boxes_per_image=2)
-    images, boxes, targets = sample_batch(data, spec, sam, torch.Generator().manual_seed(0))
+    images, boxes, targets = sample_batch(data, spec, frame, torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, frame.size, frame.size) and targets[0].shape[-2:] == (frame.size, frame.size)
     opt = torch.optim.AdamW(sam.parameters(), lr=1e-3)
 
     def loss() -> torch.Tensor:
-        emb = sam.image_encoder(images)
+        features = frame.encode(images)
         parts = []
         for i in range(2):
-            logits, iou = forward_boxes(sam, emb[i:i + 1], boxes[i])
+            logits, iou = frame.decode(features[i], boxes[i])
             parts.append(segmentation_loss(logits, targets[i], iou, 20.0)[0])
         return torch.stack(parts).mean()
 
@@ -115,7 +119,8 @@ def test_token_init_std_redraws_only_the_token_embeddings():
 
 
 def test_resumed_training_is_bit_identical_to_an_uninterrupted_one(small_coco, tmp_path, monkeypatch):
-    data = load_training_set(small_coco["calib_images"], small_coco["calib_annotations"], 128)
+    frame = frame_for(build_testbed_sam())
+    data = load_training_set(small_coco["calib_images"], small_coco["calib_annotations"], frame)
     spec = TrainSpec(steps=4, images_per_step=1, boxes_per_image=1, warmup_steps=1, log_every=1, checkpoint_every=2)
 
     def fresh():
