@@ -18,6 +18,8 @@ from carsam.testbed.spec import (
     TESTBED_V2_CHECKPOINT,
     TESTBED_V2_GLYPHS_CARD,
     TESTBED_V2_GLYPHS_CHECKPOINT,
+    TESTBED_V2_LONG_CARD,
+    TESTBED_V2_LONG_CHECKPOINT,
 )
 from tests.helpers import experiment
 
@@ -38,7 +40,8 @@ def _run(tmp_path, root, name: str, *overrides: str) -> dict[str, float]:
 
 
 SHIPPED = [("testbed", TESTBED_CHECKPOINT, TESTBED_CARD), ("testbed_v2", TESTBED_V2_CHECKPOINT, TESTBED_V2_CARD),
-           ("testbed_v2_glyphs", TESTBED_V2_GLYPHS_CHECKPOINT, TESTBED_V2_GLYPHS_CARD)]
+           ("testbed_v2_glyphs", TESTBED_V2_GLYPHS_CHECKPOINT, TESTBED_V2_GLYPHS_CARD),
+           ("testbed_v2_long", TESTBED_V2_LONG_CHECKPOINT, TESTBED_V2_LONG_CARD)]
 
 
 @pytest.mark.parametrize(("model_type", "checkpoint", "card_path"), SHIPPED, ids=[s[0] for s in SHIPPED])

@@ -25,13 +25,17 @@ TESTBED_V2_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_sam.pth"
 TESTBED_V2_CARD = Path(__file__).resolve().parent / "testbed_v2.json"
 TESTBED_V2_GLYPHS_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_glyphs_sam.pth"
 TESTBED_V2_GLYPHS_CARD = Path(__file__).resolve().parent / "testbed_v2_glyphs.json"
+TESTBED_V2_LONG_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_long_sam.pth"
+TESTBED_V2_LONG_CARD = Path(__file__).resolve().parent / "testbed_v2_long.json"
 # model.type -> its shipped checkpoint: v1 (the default, and the fast tests'), v2 (docs/testbed.md: trained with
 # SAM-scale output tokens and no decay on embeddings, for larger token ranges), and v2's recipe trained on the
-# second synthetic family (`glyphs`, seed 1), to check that a conclusion is not tuned to one dataset
+# second synthetic family (`glyphs`, seed 1), to check that a conclusion is not tuned to one dataset, and v2's recipe
+# with a longer schedule (7500 steps), whose FP quality passes v1's
 TESTBED_CHECKPOINTS = {"testbed": TESTBED_CHECKPOINT, "testbed_v2": TESTBED_V2_CHECKPOINT,
-                       "testbed_v2_glyphs": TESTBED_V2_GLYPHS_CHECKPOINT}
+                       "testbed_v2_glyphs": TESTBED_V2_GLYPHS_CHECKPOINT, "testbed_v2_long": TESTBED_V2_LONG_CHECKPOINT}
 # model.type -> the synthetic family and seed its shipped checkpoint was trained on (its card's `data_spec`)
-TESTBED_DATA = {"testbed": ("shapes", 0), "testbed_v2": ("shapes", 0), "testbed_v2_glyphs": ("glyphs", 1)}
+TESTBED_DATA = {"testbed": ("shapes", 0), "testbed_v2": ("shapes", 0), "testbed_v2_glyphs": ("glyphs", 1),
+                "testbed_v2_long": ("shapes", 0)}
 
 
 @dataclasses.dataclass(frozen=True)
