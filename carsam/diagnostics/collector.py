@@ -47,7 +47,7 @@ from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.attention import kl_divergence, mask_mass, mask_to_tokens, normalized_entropy
 from carsam.eval.inference import EmbeddingSource, SamBoxPredictor, box_predictor
 from carsam.models.adapters import ATTENTION_TWINS
-from carsam.models.architecture import encoder_blocks
+from carsam.models.architecture import find_encoder_blocks
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import eval_no_grad, quant_modes_set
@@ -102,8 +102,7 @@ def _decoder_sites(sam: nn.Module) -> list[AttentionSite]:
 
 def _encoder_sites(sam: nn.Module) -> list[AttentionSite]:
     """The attention of each image-encoder block (ViT blocks for SAM v1, Hiera blocks for SAM2), in order."""
-    encoder = sam.get_submodule(ENCODER_SCOPE)
-    blocks = [(path, m) for path, m in encoder.named_modules() if isinstance(m, encoder_blocks())]
+    blocks = find_encoder_blocks(sam.get_submodule(ENCODER_SCOPE))
     return [AttentionSite(ENCODER_ATTN, i, f"{ENCODER_SCOPE}.{path}.attn", cast("AttentionTwin", block.attn))
             for i, (path, block) in enumerate(blocks)]
 

@@ -39,7 +39,7 @@ from carsam.data.coco import CocoBoxPrompts
 from carsam.diagnostics.collector import AttentionSite, attention_sites
 from carsam.eval.inference import box_predictor, run_image
 from carsam.methods.big import BIMODALITY_THRESHOLD, bimodality_from_moments
-from carsam.models.architecture import encoder_blocks
+from carsam.models.architecture import find_encoder_blocks
 from carsam.models.quantize import ENCODER_SCOPE
 from carsam.quant.state import eval_no_grad
 
@@ -195,9 +195,7 @@ ENCODER_TENSORS = (("norm1", "norm1"), ("norm2", "norm2"), ("gelu", "mlp.act")) 
 @contextmanager
 def _encoder_hooks(sam: nn.Module, meters: dict[tuple[str, str], ChannelAbsMax]) -> Iterator[None]:
     handles = []
-    encoder = sam.get_submodule(ENCODER_SCOPE)  # ViT blocks (SAM v1) or Hiera blocks (SAM2), by type
-    blocks = [(path, m) for path, m in encoder.named_modules() if isinstance(m, encoder_blocks())]
-    for path, block in blocks:
+    for path, block in find_encoder_blocks(sam.get_submodule(ENCODER_SCOPE)):  # ViT or Hiera blocks
         for name, sub in ENCODER_TENSORS:
             meter = meters.setdefault((f"{ENCODER_SCOPE}.{path}", name), ChannelAbsMax())
             handles.append(block.get_submodule(sub).register_forward_hook(

@@ -23,8 +23,6 @@ from carsam.eval.inference import EmbeddingSource, ImageEmbedding, SamBoxPredict
 from carsam.models.finite import check_finite_output
 from carsam.models.sam2_image import Sam2ImageModel
 
-BOX_CORNER_LABELS = (2, 3)  # SAM2's point labels of a box's top-left and bottom-right corners
-
 
 class Sam2BoxPredictor(SamBoxPredictor):
     """Predict one mask and one IoU score per box prompt with a (possibly quantized) `Sam2ImageModel`."""
@@ -56,18 +54,8 @@ class Sam2BoxPredictor(SamBoxPredictor):
     def _decode(self, features: torch.Tensor, embedding: ImageEmbedding,
                 boxes: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Decode (B, 2, 2) box corners in the input frame: masks (B, H, W) bool, IoUs (B,) float32."""
-        labels = torch.tensor([BOX_CORNER_LABELS], dtype=torch.int, device=boxes.device).repeat(len(boxes), 1)
-        sparse, dense = self.sam.prompt_encoder(points=(boxes, labels), boxes=None, masks=None)
         high_res = [f.to(device=self.device, dtype=features.dtype) for f in embedding.high_res]
-        low_res, iou, _, _ = self.sam.mask_decoder(
-            image_embeddings=features,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-            repeat_image=len(boxes) > 1,
-            high_res_features=high_res,
-        )
+        low_res, iou = self.sam.decode_boxes(features, high_res, boxes)
         check_finite_output(low_res, "the mask decoder's mask logits")
         check_finite_output(iou, "the mask decoder's IoU predictions")
         masks = self.transforms.postprocess_masks(low_res, embedding.original_size) > self.sam.mask_threshold

@@ -84,7 +84,7 @@ def is_bimodal(keys: Tensor, threshold: float = BIMODALITY_THRESHOLD) -> bool:
 
 
 def _projections(attn: DecoderAttention) -> tuple[LinearLayer, LinearLayer]:
-    if not isinstance(attn, (*decoder_attentions(), QuantDecoderAttention)):
+    if not isinstance(attn, decoder_attentions()):
         raise TypeError(f"fold_signs_ needs a decoder Attention or QuantDecoderAttention, got {type(attn).__name__}")
     return getattr(attn, "q_proj"), getattr(attn, "k_proj")  # (isinstance on a computed tuple does not narrow)
 

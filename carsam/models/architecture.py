@@ -16,6 +16,8 @@ from segment_anything.modeling import image_encoder, transformer
 from segment_anything.modeling.common import MLPBlock
 from torch import nn
 
+from carsam.models.adapters import QuantDecoderAttention
+
 
 def _sam2(module: str, name: str) -> tuple[type[nn.Module], ...]:
     """`(sam2's class module.name,)` when the `sam2` package is loaded, else `()`."""
@@ -35,8 +37,15 @@ def two_way_blocks() -> tuple[type[nn.Module], ...]:
 
 
 def decoder_attentions() -> tuple[type[nn.Module], ...]:
-    """The decoder attentions (plain; the quantized twin is `carsam.models.adapters.QuantDecoderAttention`)."""
-    return (transformer.Attention, *_sam2("sam2.modeling.sam.transformer", "Attention"))
+    """The decoder attentions: SAM v1's, SAM2's, and their quantized twin `QuantDecoderAttention`."""
+    return (transformer.Attention, QuantDecoderAttention, *_sam2("sam2.modeling.sam.transformer", "Attention"))
+
+
+def sam2_attentions() -> tuple[type[nn.Module], ...]:
+    """SAM2's attentions that `quantize_` replaces by twins (decoder `Attention`, Hiera `MultiScaleAttention`);
+    empty while `sam2` is not loaded."""
+    return (*_sam2("sam2.modeling.sam.transformer", "Attention"),
+            *_sam2("sam2.modeling.backbones.hieradet", "MultiScaleAttention"))
 
 
 def decoder_mlps() -> tuple[type[nn.Module], ...]:
@@ -47,3 +56,8 @@ def decoder_mlps() -> tuple[type[nn.Module], ...]:
 def encoder_blocks() -> tuple[type[nn.Module], ...]:
     """The image encoders' blocks: SAM v1's ViT `Block`, SAM2's Hiera `MultiScaleBlock`."""
     return (image_encoder.Block, *_sam2("sam2.modeling.backbones.hieradet", "MultiScaleBlock"))
+
+
+def find_encoder_blocks(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every block of `encoder` (an `image_encoder`) with its path relative to it, in order."""
+    return [(path, m) for path, m in encoder.named_modules() if isinstance(m, encoder_blocks())]

@@ -43,7 +43,8 @@ from carsam.models.adapters import (
     QuantHieraAttention,
     quantize_linear,
 )
-from carsam.models.sam2_image import is_sam2
+from carsam.models.architecture import sam2_attentions
+from carsam.models.sam2_image import Sam2ImageModel
 from carsam.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantized_weight_modules
 from carsam.quant.observers import OBSERVERS
 from carsam.quant.primitives import SYMMETRIC_SCALES, validate_bits
@@ -160,7 +161,7 @@ def path_matches(path: str, glob: str) -> bool:
 
 def fp_modules(model: nn.Module) -> tuple[str, ...]:
     """The documented FP list of `model`'s family: `SAM2_FP_MODULES` for SAM2, else `FP_MODULES`."""
-    return SAM2_FP_MODULES if is_sam2(model) else FP_MODULES
+    return SAM2_FP_MODULES if isinstance(model, Sam2ImageModel) else FP_MODULES
 
 
 def is_fp_module(path: str, fp_list: tuple[str, ...] = FP_MODULES) -> bool:
@@ -201,14 +202,12 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters(), torch.empty(0)).device
 
 
-def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig, sam2: bool) -> nn.Module | None:
-    """The quantized replacement of `child` (at `path`, named `name` in its parent), or None to recurse.
-    `sam2`: the model is a `Sam2ImageModel` (its attentions are SAM2's)."""
-    if sam2:
-        from carsam.models.sam2_adapters import SAM2_ATTENTIONS, sam2_attention_twin
-        if isinstance(child, SAM2_ATTENTIONS):
-            maker = QuantizerMaker(config, path, _device(child))
-            return sam2_attention_twin(child, maker.weight, maker.act)
+def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig) -> nn.Module | None:
+    """The quantized replacement of `child` (at `path`, named `name` in its parent), or None to recurse."""
+    if isinstance(child, sam2_attentions()):
+        from carsam.models.sam2_adapters import sam2_attention_twin
+        maker = QuantizerMaker(config, path, _device(child))
+        return sam2_attention_twin(child, maker.weight, maker.act)
     if isinstance(child, (transformer.Attention, image_encoder.Attention)):
         maker = QuantizerMaker(config, path, _device(child))
         if isinstance(child, transformer.Attention):
@@ -225,16 +224,15 @@ def _quantized_twin(child: nn.Module, name: str, path: str, config: QuantConfig,
     return None
 
 
-def _swap_children(parent: nn.Module, prefix: str, config: QuantConfig, fp_list: tuple[str, ...],
-                   sam2: bool) -> None:
+def _swap_children(parent: nn.Module, prefix: str, config: QuantConfig, fp_list: tuple[str, ...]) -> None:
     """Replace, recursively and in place, the quantizable children of `parent` (at path `prefix`)."""
     for name, child in list(parent.named_children()):
         path = f"{prefix}.{name}"
         if is_fp_module(path, fp_list) or isinstance(child, QUANT_TYPES):
             continue
-        twin = _quantized_twin(child, name, path, config, sam2)
+        twin = _quantized_twin(child, name, path, config)
         if twin is None:
-            _swap_children(child, path, config, fp_list, sam2)
+            _swap_children(child, path, config, fp_list)
         elif twin is not child:
             setattr(parent, name, twin)
 
@@ -247,7 +245,7 @@ def quantize_(sam: nn.Module, config: QuantConfig = QuantConfig()) -> nn.Module:
     """
     scopes = [s for s, on in ((ENCODER_SCOPE, config.quantize_encoder), (DECODER_SCOPE, config.quantize_decoder)) if on]
     for scope in scopes:
-        _swap_children(sam.get_submodule(scope), scope, config, fp_modules(sam), is_sam2(sam))
+        _swap_children(sam.get_submodule(scope), scope, config, fp_modules(sam))
     counts = Counter(type(m).__name__ for m in sam.modules() if isinstance(m, QUANT_TYPES))
     logger.info("quantize_: %s", dict(sorted(counts.items())))
     return sam

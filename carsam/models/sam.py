@@ -13,7 +13,7 @@ from segment_anything.modeling import Sam
 
 from carsam.models.checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from carsam.models.sam2_image import SAM2_MODEL_TYPES, Sam2ImageModel
-from carsam.testbed.sam2_spec import SAM2_TESTBED_TYPE, build_sam2_testbed
+from carsam.testbed.sam2_spec import SAM2_TESTBED_TYPE, build_sam2_testbed, build_sam2_testbed_from_checkpoint
 from carsam.testbed.spec import TESTBED_CHECKPOINTS, build_testbed_from_checkpoint, build_testbed_sam
 
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
@@ -49,8 +49,7 @@ def build_model(model_type: str, checkpoint: str | Path | None = None, sam2_stab
 def _build_sam2(model_type: str, checkpoint: str | Path) -> Sam2ImageModel:
     """SAM2 `sam2_t`..`sam2_l` from an official checkpoint, or the SAM2 testbed from its own state dict."""
     if model_type == SAM2_TESTBED_TYPE:
-        state = load_state_dict(checkpoint)
-        return apply_state_dict(build_sam2_testbed(), state, model_type, checkpoint)
+        return build_sam2_testbed_from_checkpoint(checkpoint)
     from carsam.models.sam2_build import build_real_sam2
     return build_real_sam2(model_type, checkpoint)
 

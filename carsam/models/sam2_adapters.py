@@ -15,17 +15,15 @@ Both twins live in `carsam.models.adapters`, which does not import `sam2`.
 from __future__ import annotations
 
 from sam2.modeling.backbones.hieradet import MultiScaleAttention
-from sam2.modeling.sam.transformer import Attention, RoPEAttention
+from sam2.modeling.sam.transformer import RoPEAttention
 from torch import nn
 
 from carsam.models.adapters import QuantDecoderAttention, QuantHieraAttention, QuantizerFactory
 
-SAM2_ATTENTIONS = (Attention, MultiScaleAttention)
-
 
 def sam2_attention_twin(attn: nn.Module, make_weight_q: QuantizerFactory,
                         make_act_q: QuantizerFactory) -> QuantDecoderAttention | QuantHieraAttention:
-    """The twin of a SAM2 attention (`SAM2_ATTENTIONS`), sharing its Parameters."""
+    """The twin of a SAM2 attention (`carsam.models.architecture.sam2_attentions`), sharing its Parameters."""
     if isinstance(attn, RoPEAttention):
         raise ValueError("RoPEAttention (SAM2's video memory attention) has no quantized twin; quantize the image "
                          "path only (carsam.models.sam2_image.Sam2ImageModel)")

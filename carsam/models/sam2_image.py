@@ -19,6 +19,7 @@ that do live in `carsam.models.sam2_build`, imported when a SAM2 model is built.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ SAM2_CONFIGS = {  # model.type -> the sam2 package's Hydra config (SAM 2.1 check
     "sam2_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
 }
 SAM2_MODEL_TYPES = tuple(SAM2_CONFIGS)
+BOX_CORNER_LABELS = (2, 3)  # SAM2's point labels of a box's top-left and bottom-right corners
 
 
 class Sam2ImageEncoder(nn.Module):
@@ -66,7 +68,8 @@ class Sam2ImageModel(nn.Module):
 
     mask_threshold = 0.0
     image_encoder: Sam2ImageEncoder
-    mask_decoder: Any  # sam2's MaskDecoder (untyped package)
+    prompt_encoder: Any  # sam2's PromptEncoder and MaskDecoder (untyped package)
+    mask_decoder: Any
 
     def __init__(self, image_encoder: Sam2ImageEncoder, prompt_encoder: nn.Module, mask_decoder: nn.Module,
                  model_type: str) -> None:
@@ -92,6 +95,22 @@ class Sam2ImageModel(nn.Module):
     def stability_fallback(self, on: bool) -> None:
         self.mask_decoder.dynamic_multimask_via_stability = bool(on)
 
+    def decode_boxes(self, image_embed: Tensor, high_res: Sequence[Tensor], corners: Tensor) -> tuple[Tensor, Tensor]:
+        """SAM2's single-mask decode of box prompts, as `SAM2ImagePredictor._predict` calls it.
+
+        image_embed `(1, C, g, g)`, high_res the two high-resolution features, corners `(k, 2, 2)` (each box's
+        top-left and bottom-right in the S x S input frame) -> low-resolution logits `(k, 1, 4g, 4g)` and IoU
+        predictions `(k, 1)`. A box is two points labelled `BOX_CORNER_LABELS` (the prompt encoder appends a padding
+        point); the image embedding is repeated per box. The stability fallback applies in eval mode only.
+        """
+        labels = torch.tensor([BOX_CORNER_LABELS], dtype=torch.int, device=corners.device).repeat(len(corners), 1)
+        sparse, dense = self.prompt_encoder(points=(corners, labels), boxes=None, masks=None)
+        low_res, iou, _, _ = self.mask_decoder(
+            image_embeddings=image_embed, image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            repeat_image=len(corners) > 1, high_res_features=list(high_res))
+        return low_res, iou
+
     def encoder_fields(self) -> dict[str, Any]:
         """The image pass's architecture and preprocessing as built (what a checkpoint hash alone does not pin)."""
         trunk = self.image_encoder.trunk
@@ -101,7 +120,3 @@ class Sam2ImageModel(nn.Module):
                 "patch": list(trunk.patch_embed.proj.kernel_size), "scalp": int(self.image_encoder.scalp),
                 "dtype": str(param.dtype)}
 
-
-def is_sam2(model: nn.Module) -> bool:
-    """Whether `model` is a `Sam2ImageModel` (else a `segment_anything` `Sam`)."""
-    return isinstance(model, Sam2ImageModel)

@@ -36,8 +36,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from carsam.models.adapters import QuantDecoderAttention
-from carsam.models.architecture import decoder_attentions, decoder_mlps, encoder_blocks, two_way_blocks
+from carsam.models.architecture import decoder_attentions, decoder_mlps, find_encoder_blocks, two_way_blocks
 from carsam.models.quantize import DECODER_SCOPE, ENCODER_SCOPE
 from carsam.recon.spans import DecoderSpan, DecoderStep, decoder_steps, final_step, layer_steps
 
@@ -111,7 +110,7 @@ def _decoder_blocks(sam: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _final_attention(sam: nn.Module) -> ReconUnit:
     path = f"{DECODER_SCOPE}.{FINAL_ATTENTION}"
-    if not isinstance(sam.get_submodule(path), (*decoder_attentions(), QuantDecoderAttention)):
+    if not isinstance(sam.get_submodule(path), decoder_attentions()):
         raise TypeError(f"'{path}' is not a decoder attention")
     return _unit(path, "attention")
 
@@ -122,7 +121,7 @@ def attention_mlp_units(sam: nn.Module) -> list[ReconUnit]:
     for block_path, block in _decoder_blocks(sam):
         for name in BLOCK_ORDER:
             child = block.get_submodule(name)
-            if isinstance(child, (*decoder_attentions(), QuantDecoderAttention)):
+            if isinstance(child, decoder_attentions()):
                 units.append(_unit(f"{block_path}.{name}", "attention"))
             elif isinstance(child, decoder_mlps()):
                 units.append(_unit(f"{block_path}.{name}", "mlp"))
@@ -179,9 +178,8 @@ def decoder_units(sam: nn.Module) -> list[ReconUnit]:
 
 def encoder_block_units(sam: nn.Module) -> list[ReconUnit]:
     """Each image-encoder block (SAM v1's ViT `Block`, SAM2's Hiera `MultiScaleBlock`), in order."""
-    scope = sam.get_submodule(ENCODER_SCOPE)
-    return [_unit(f"{ENCODER_SCOPE}.{p}", "encoder_block") for p, m in scope.named_modules()
-            if isinstance(m, encoder_blocks())]
+    blocks = find_encoder_blocks(sam.get_submodule(ENCODER_SCOPE))
+    return [_unit(f"{ENCODER_SCOPE}.{p}", "encoder_block") for p, _ in blocks]
 
 
 GROUPINGS: dict[str, Callable[[nn.Module], list[ReconUnit]]] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,10 @@ from carsam.data.coco import CocoBoxPrompts
 from carsam.data.synthetic import SyntheticSpec, dataset_dir, ensure_dataset
 from carsam.eval.evaluate import evaluate
 from carsam.files import file_sha256, write_text_atomic
-from carsam.models.checkpoint import apply_state_dict, load_state_dict
 from carsam.record import git_commit, library_versions
 from carsam.testbed.frames import frame_for
-from carsam.testbed.sam2_spec import Sam2TestbedSpec, build_sam2_testbed
-from carsam.testbed.spec import TestbedSpec, build_testbed_sam
+from carsam.testbed.sam2_spec import Sam2TestbedSpec, build_sam2_testbed, build_sam2_testbed_from_checkpoint
+from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
 from carsam.testbed.train import TrainSpec, init_token_embeddings_, load_training_set, save_checkpoint, train_testbed
 
 logger = logging.getLogger(__name__)
@@ -34,51 +34,55 @@ CARD_NAME = "testbed.json"
 
 
 TRAIN_STATE_NAME = "train_state.pt"
-ARCHITECTURES = ("sam", "sam2")  # the v1 testbed's (segment_anything classes) or the SAM2 testbed's (sam2's)
+ModelSpec = TestbedSpec | Sam2TestbedSpec
 
 
-def _architecture_spec(architecture: str) -> TestbedSpec | Sam2TestbedSpec:
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got '{architecture}'")
-    return TestbedSpec() if architecture == "sam" else Sam2TestbedSpec()
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A testbed architecture: its spec, and how to build it at random or from a checkpoint."""
+
+    spec: ModelSpec
+    build: Callable[[Any], Sam]
+    from_checkpoint: Callable[[Path, Any], Sam]
 
 
-def _build(model_spec: TestbedSpec | Sam2TestbedSpec) -> Sam:
-    return build_testbed_sam(model_spec) if isinstance(model_spec, TestbedSpec) else build_sam2_testbed(model_spec)
+# the v1 testbed's (segment_anything classes) or the SAM2 testbed's (sam2's)
+ARCHITECTURES = {"sam": Architecture(TestbedSpec(), build_testbed_sam, build_testbed_from_checkpoint),
+                 "sam2": Architecture(Sam2TestbedSpec(), build_sam2_testbed, build_sam2_testbed_from_checkpoint)}
 
 
-def train_from_scratch(root: Path, train_spec: TrainSpec, model_spec: TestbedSpec | Sam2TestbedSpec,
+def train_from_scratch(root: Path, train_spec: TrainSpec, arch: Architecture,
                        state_path: Path | None = None) -> tuple[Sam, list[dict], float]:
     """Seeded init + training on `root`'s train split (resumed from `state_path` if it exists); returns
     (model, history, training seconds over every session)."""
     torch.manual_seed(train_spec.seed)
-    sam = _build(model_spec)
+    sam = arch.build(arch.spec)
     init_token_embeddings_(sam, train_spec.token_init_std, train_spec.token_init_scope)
     data = load_training_set(root / "images" / "train", root / "instances_train.json", frame_for(sam))
     history = train_testbed(sam, data, train_spec, state_path)
     return sam, history, history[-1]["seconds"] if history else 0.0
 
 
-def fp_metrics(checkpoint: Path, root: Path, model_spec: TestbedSpec | Sam2TestbedSpec) -> dict[str, float]:
+def fp_metrics(checkpoint: Path, root: Path, arch: Architecture) -> dict[str, float]:
     """FP metrics of the stored (fp16 -> fp32) checkpoint on the val split."""
     val = CocoBoxPrompts(root / "images" / "val", root / "instances_val.json", root / "prompts_val.json")
-    model = apply_state_dict(_build(model_spec), load_state_dict(checkpoint), "testbed", checkpoint)
-    return evaluate(model, val).metrics
+    return evaluate(arch.from_checkpoint(checkpoint, arch.spec), val).metrics
 
 
 def publish(sam: Sam, out_dir: Path, root: Path, data_spec: SyntheticSpec, train_spec: TrainSpec,
-            history: list[dict], seconds: float, model_spec: TestbedSpec | Sam2TestbedSpec) -> dict[str, Any]:
+            history: list[dict], seconds: float, architecture: str) -> dict[str, Any]:
     """Save `sam` and its card into `out_dir`; an existing pair is replaced only after the card is ready."""
     staged = save_checkpoint(sam, out_dir / f"{CHECKPOINT_NAME}.new")
+    arch = ARCHITECTURES[architecture]
     card = {
         "checkpoint": CHECKPOINT_NAME, "checkpoint_bytes": staged.stat().st_size,
         "checkpoint_sha256": file_sha256(staged), "storage_dtype": "float16",
-        "architecture": "sam" if isinstance(model_spec, TestbedSpec) else "sam2",
-        "testbed_spec": dataclasses.asdict(model_spec), "train_spec": dataclasses.asdict(train_spec),
+        "architecture": architecture, "testbed_spec": dataclasses.asdict(arch.spec),
+        "train_spec": dataclasses.asdict(train_spec),
         "data_spec": dataclasses.asdict(data_spec),
         "train_annotations_sha256": file_sha256(root / "instances_train.json"),
         "train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
-        "fp_metrics": fp_metrics(staged, root, model_spec), "history": history,
+        "fp_metrics": fp_metrics(staged, root, arch), "history": history,
         "versions": library_versions(), "git_commit": git_commit(),
     }
     staged.replace(out_dir / CHECKPOINT_NAME)
@@ -98,7 +102,8 @@ def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | No
     build resumes where it stopped when run again with the same arguments (a state of another recipe is
     refused). The shipped pair lives in `carsam/testbed/`; copy a new build there to ship it.
     """
-    model_spec = _architecture_spec(architecture)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {tuple(ARCHITECTURES)}, got '{architecture}'")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
     fields = {f.name for f in dataclasses.fields(TrainSpec)} - {"seed"}
@@ -110,5 +115,6 @@ def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | No
     train_spec = TrainSpec(seed=seed, **{**(recipe or {}), **({"steps": steps} if steps else {})})
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    sam, history, seconds = train_from_scratch(root, train_spec, model_spec, folder / TRAIN_STATE_NAME)
-    return publish(sam, folder, root, data_spec, train_spec, history, seconds, model_spec)
+    arch = ARCHITECTURES[architecture]
+    sam, history, seconds = train_from_scratch(root, train_spec, arch, folder / TRAIN_STATE_NAME)
+    return publish(sam, folder, root, data_spec, train_spec, history, seconds, architecture)

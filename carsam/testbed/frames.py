@@ -26,10 +26,6 @@ from torch import Tensor, nn
 
 from carsam.models.sam2_image import Sam2ImageModel
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM2Transforms' normalisation, on pixels in [0, 1]
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SAM2_BOX_LABELS = (2, 3)
-
 
 class SamFrame:
     """SAM v1's frame (module docstring)."""
@@ -70,9 +66,12 @@ class Sam2Frame(SamFrame):
     """SAM2's frame (module docstring)."""
 
     def __init__(self, sam: Sam2ImageModel) -> None:
+        from sam2.utils.transforms import SAM2Transforms  # loaded already: a Sam2ImageModel exists
+
         self.sam, self.size = sam, sam.image_size
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+        transforms = SAM2Transforms(resolution=self.size, mask_threshold=sam.mask_threshold)  # its mean and std
+        self._mean = torch.tensor(transforms.mean).view(3, 1, 1) * 255.0  # on pixels in [0, 255]
+        self._std = torch.tensor(transforms.std).view(3, 1, 1) * 255.0
 
     def resize(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (S, S, 3) uint8 (bilinear with antialiasing, as SAM2Transforms' Resize)."""
@@ -94,13 +93,7 @@ class Sam2Frame(SamFrame):
         return [(image_embed[i : i + 1], feat_s0[i : i + 1], feat_s1[i : i + 1]) for i in range(len(images))]
 
     def decode(self, features: tuple[Tensor, ...], boxes: Tensor) -> tuple[Tensor, Tensor]:
-        corners = boxes.reshape(-1, 2, 2)
-        labels = torch.tensor([SAM2_BOX_LABELS], dtype=torch.int).repeat(len(boxes), 1)
-        sparse, dense = self.sam.prompt_encoder(points=(corners, labels), boxes=None, masks=None)
-        low_res, iou, _, _ = self.sam.mask_decoder(
-            image_embeddings=features[0], image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-            repeat_image=len(boxes) > 1, high_res_features=list(features[1:]))
+        low_res, iou = self.sam.decode_boxes(features[0], features[1:], boxes.reshape(-1, 2, 2))
         logits = F.interpolate(low_res, (self.size, self.size), mode="bilinear", align_corners=False)
         return logits[:, 0], iou[:, 0]
 

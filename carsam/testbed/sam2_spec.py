@@ -11,7 +11,10 @@ testbed keeps SAM's: that is where CAR-SAM acts. `sam2` is imported only when th
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from carsam.models.checkpoint import apply_state_dict, load_state_dict
 
 if TYPE_CHECKING:
     from carsam.models.sam2_image import Sam2ImageModel
@@ -54,3 +57,10 @@ def build_sam2_testbed(spec: Sam2TestbedSpec = Sam2TestbedSpec()) -> Sam2ImageMo
     """A randomly initialised SAM2 testbed (seed the global RNG first), in eval mode."""
     from carsam.models.sam2_build import build_sam2_architecture, image_model
     return image_model(build_sam2_architecture(BASE_CONFIG, spec.hydra_overrides()), SAM2_TESTBED_TYPE)
+
+
+def build_sam2_testbed_from_checkpoint(checkpoint: str | Path, spec: Sam2TestbedSpec = Sam2TestbedSpec()
+                                       ) -> Sam2ImageModel:
+    """Build the SAM2 testbed and load its (fp16-stored) state dict, upcast to fp32."""
+    state = load_state_dict(checkpoint)
+    return apply_state_dict(build_sam2_testbed(spec), state, SAM2_TESTBED_TYPE, checkpoint)
