@@ -22,7 +22,8 @@ from carsam.recon.block_io import block_io_loss, capture_block_io
 from carsam.recon.driver import UnitRecipe, reconstruct_model_
 from carsam.recon.units import find_units
 from carsam.run_context import RunContext
-from carsam.testbed.spec import TESTBED_CHECKPOINT, build_testbed_from_checkpoint
+from carsam.testbed.shipped import TESTBED_CHECKPOINT
+from carsam.testbed.spec import build_testbed_from_checkpoint
 
 
 def main(unit_index: int, iters: int, alpha_lr: float) -> None:

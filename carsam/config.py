@@ -31,7 +31,7 @@ from carsam.models.sam2_image import SAM2_MODEL_TYPES
 from carsam.recon.block_io import INPUT_SOURCES
 from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
 from carsam.testbed.sam2_spec import SAM2_TESTBED_TYPE
-from carsam.testbed.spec import TESTBED_CHECKPOINTS, TESTBED_DATA
+from carsam.testbed.shipped import TESTBED_CHECKPOINTS, TESTBED_DATA
 from carsam.tracking import MODES as TRACKER_MODES
 
 if TYPE_CHECKING:

@@ -58,7 +58,7 @@ from carsam.record import (
     write_record,
 )
 from carsam.run_context import RunContext
-from carsam.testbed.spec import TESTBED_CHECKPOINTS
+from carsam.testbed.shipped import TESTBED_CHECKPOINTS
 from carsam.tracking import Tracker, log_diagnostic_curves
 
 logger = logging.getLogger(__name__)

@@ -168,3 +168,13 @@ def test_a_shipped_testbed_on_another_shape_family_is_refused_with_the_fix():
 def test_memory_settings_out_of_range_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve(None, [override])
+
+
+def test_the_sam2_experiments_cover_every_method_on_the_sam2_testbed():
+    sam2 = {p.stem: resolve(p) for p in EXPERIMENTS if p.parent.name == "sam2"}
+    assert {c.method for c in sam2.values()} == {"fp", "rtn", "omse", "brecq", "qdrop", "ptq4sam", "carsam"}
+    assert {c.model.type for c in sam2.values()} == {"sam2_testbed"}
+    for stem, config in sam2.items():  # each is its SAM v1 namesake on the other model
+        if stem != "fp":
+            namesake = resolve(Path(__file__).resolve().parents[1] / "experiments" / f"{stem}.yaml")
+            assert dataclasses.replace(config, model=namesake.model) == namesake

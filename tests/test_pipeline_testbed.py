@@ -10,17 +10,7 @@ import pytest
 from carsam import pipeline
 from carsam.config import resolve
 from carsam.files import file_sha256
-from carsam.testbed.spec import (
-    TESTBED_CARD,
-    TESTBED_CHECKPOINT,
-    TESTBED_DATA,
-    TESTBED_V2_CARD,
-    TESTBED_V2_CHECKPOINT,
-    TESTBED_V2_GLYPHS_CARD,
-    TESTBED_V2_GLYPHS_CHECKPOINT,
-    TESTBED_V2_LONG_CARD,
-    TESTBED_V2_LONG_CHECKPOINT,
-)
+from carsam.testbed.shipped import SHIPPED_TESTBEDS
 from tests.helpers import experiment
 
 pytestmark = pytest.mark.slow
@@ -39,9 +29,7 @@ def _run(tmp_path, root, name: str, *overrides: str) -> dict[str, float]:
     return record.metrics
 
 
-SHIPPED = [("testbed", TESTBED_CHECKPOINT, TESTBED_CARD), ("testbed_v2", TESTBED_V2_CHECKPOINT, TESTBED_V2_CARD),
-           ("testbed_v2_glyphs", TESTBED_V2_GLYPHS_CHECKPOINT, TESTBED_V2_GLYPHS_CARD),
-           ("testbed_v2_long", TESTBED_V2_LONG_CHECKPOINT, TESTBED_V2_LONG_CARD)]
+SHIPPED = [(name, testbed.checkpoint, testbed.card) for name, testbed in SHIPPED_TESTBEDS.items()]
 
 
 @pytest.mark.parametrize(("model_type", "checkpoint", "card_path"), SHIPPED, ids=[s[0] for s in SHIPPED])
@@ -49,16 +37,17 @@ def test_shipped_checkpoint_is_the_one_its_card_describes(model_type, checkpoint
     card = json.loads(card_path.read_text())
     assert file_sha256(checkpoint) == card["checkpoint_sha256"] and card["checkpoint"] == checkpoint.name
     assert checkpoint.stat().st_size == card["checkpoint_bytes"] < 20e6
-    family, seed = TESTBED_DATA[model_type]
-    assert (card["data_spec"].get("family", "shapes"), card["data_spec"]["seed"]) == (family, seed)
+    testbed = SHIPPED_TESTBEDS[model_type]
+    assert (card["data_spec"].get("family", "shapes"), card["data_spec"]["seed"]) == (testbed.family, testbed.seed)
+    assert card.get("architecture", "sam") == testbed.architecture
 
 
 @pytest.mark.parametrize(("model_type", "checkpoint", "card_path"), SHIPPED, ids=[s[0] for s in SHIPPED])
 def test_fp_run_reproduces_the_cards_fp_metrics(tmp_path, synthetic_root, model_type, checkpoint, card_path):
     card = json.loads(card_path.read_text())["fp_metrics"]
-    family, seed = TESTBED_DATA[model_type]
-    metrics = _run(tmp_path, synthetic_root, "fp.yaml", f"model.type={model_type}", f"data.synthetic_family={family}",
-                   f"data.synthetic_seed={seed}")
+    testbed = SHIPPED_TESTBEDS[model_type]
+    metrics = _run(tmp_path, synthetic_root, "fp.yaml", f"model.type={model_type}",
+                   f"data.synthetic_family={testbed.family}", f"data.synthetic_seed={testbed.seed}")
     # the same code, data and weights: equal up to float summation order across BLAS builds
     assert {key: metrics[key] for key in card} == pytest.approx(card, abs=2e-3)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,7 @@ from carsam.eval.evaluate import evaluate
 from carsam.files import file_sha256, write_text_atomic
 from carsam.record import git_commit, library_versions
 from carsam.testbed.frames import frame_for
-from carsam.testbed.sam2_spec import Sam2TestbedSpec, build_sam2_testbed, build_sam2_testbed_from_checkpoint
-from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
+from carsam.testbed.shipped import ARCHITECTURES, Architecture
 from carsam.testbed.train import TrainSpec, init_token_embeddings_, load_training_set, save_checkpoint, train_testbed
 
 logger = logging.getLogger(__name__)
@@ -34,21 +32,6 @@ CARD_NAME = "testbed.json"
 
 
 TRAIN_STATE_NAME = "train_state.pt"
-ModelSpec = TestbedSpec | Sam2TestbedSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """A testbed architecture: its spec, and how to build it at random or from a checkpoint."""
-
-    spec: ModelSpec
-    build: Callable[[Any], Sam]
-    from_checkpoint: Callable[[Path, Any], Sam]
-
-
-# the v1 testbed's (segment_anything classes) or the SAM2 testbed's (sam2's)
-ARCHITECTURES = {"sam": Architecture(TestbedSpec(), build_testbed_sam, build_testbed_from_checkpoint),
-                 "sam2": Architecture(Sam2TestbedSpec(), build_sam2_testbed, build_sam2_testbed_from_checkpoint)}
 
 
 def train_from_scratch(root: Path, train_spec: TrainSpec, arch: Architecture,
@@ -100,7 +83,7 @@ def build_testbed(data_root: str | Path = "data", seed: int = 0, steps: int | No
     `recipe` overrides `TrainSpec` fields (e.g. `{"decay_scope": "matrices"}`); `steps` overrides its steps.
     The training state is kept in `out_dir/train_state.pt` every `checkpoint_every` steps, so an interrupted
     build resumes where it stopped when run again with the same arguments (a state of another recipe is
-    refused). The shipped pair lives in `carsam/testbed/`; copy a new build there to ship it.
+    refused). The shipped pairs live in `carsam/testbed/` (`carsam.testbed.shipped`); copy a new build there to ship it.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {tuple(ARCHITECTURES)}, got '{architecture}'")

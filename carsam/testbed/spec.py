@@ -1,4 +1,4 @@
-"""The testbed SAM: its architecture, and the shipped checkpoint and card beside this file.
+"""The testbed SAM's architecture (the shipped checkpoints and cards: `carsam.testbed.shipped`).
 
 The testbed is a small SAM made of `segment_anything.modeling` classes. Its mask decoder has
 SAM's real shape (transformer dim 256, depth 2, 8 heads, MLP 2048, attention downsample 2),
@@ -19,23 +19,6 @@ from carsam.models.checkpoint import apply_state_dict, load_state_dict
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # SAM's input normalisation
 PIXEL_STD = (58.395, 57.12, 57.375)
-TESTBED_CHECKPOINT = Path(__file__).resolve().parent / "testbed_sam.pth"
-TESTBED_CARD = Path(__file__).resolve().parent / "testbed.json"
-TESTBED_V2_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_sam.pth"
-TESTBED_V2_CARD = Path(__file__).resolve().parent / "testbed_v2.json"
-TESTBED_V2_GLYPHS_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_glyphs_sam.pth"
-TESTBED_V2_GLYPHS_CARD = Path(__file__).resolve().parent / "testbed_v2_glyphs.json"
-TESTBED_V2_LONG_CHECKPOINT = Path(__file__).resolve().parent / "testbed_v2_long_sam.pth"
-TESTBED_V2_LONG_CARD = Path(__file__).resolve().parent / "testbed_v2_long.json"
-# model.type -> its shipped checkpoint: v1 (the default, and the fast tests'), v2 (docs/testbed.md: trained with
-# SAM-scale output tokens and no decay on embeddings, for larger token ranges), and v2's recipe trained on the
-# second synthetic family (`glyphs`, seed 1), to check that a conclusion is not tuned to one dataset, and v2's recipe
-# with a longer schedule (7500 steps), whose FP quality passes v1's
-TESTBED_CHECKPOINTS = {"testbed": TESTBED_CHECKPOINT, "testbed_v2": TESTBED_V2_CHECKPOINT,
-                       "testbed_v2_glyphs": TESTBED_V2_GLYPHS_CHECKPOINT, "testbed_v2_long": TESTBED_V2_LONG_CHECKPOINT}
-# model.type -> the synthetic family and seed its shipped checkpoint was trained on (its card's `data_spec`)
-TESTBED_DATA = {"testbed": ("shapes", 0), "testbed_v2": ("shapes", 0), "testbed_v2_glyphs": ("glyphs", 1),
-                "testbed_v2_long": ("shapes", 0)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from carsam.models.sam import build_model
 from carsam.quant.logquant import LogQuantizer
 from carsam.quant.quantizers import QuantMode
 from carsam.quant.state import assert_eval_ready, set_quant_mode
-from carsam.testbed.spec import TESTBED_CHECKPOINT
+from carsam.testbed.shipped import TESTBED_CHECKPOINT
 from tests.helpers import decode_box, experiment, real_data_overrides
 
 
