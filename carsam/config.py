@@ -31,7 +31,7 @@ from carsam.models.sam2_image import SAM2_MODEL_TYPES
 from carsam.recon.block_io import INPUT_SOURCES
 from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
 from carsam.testbed.sam2_spec import SAM2_TESTBED_TYPE
-from carsam.testbed.shipped import TESTBED_CHECKPOINTS, TESTBED_DATA
+from carsam.testbed.shipped import SHIPPED_TESTBEDS
 from carsam.tracking import MODES as TRACKER_MODES
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T", bound="DataclassInstance")
 
-MODEL_TYPES = (*TESTBED_CHECKPOINTS, *REAL_MODEL_TYPES)
+MODEL_TYPES = (*SHIPPED_TESTBEDS, *REAL_MODEL_TYPES)
 DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
 
@@ -60,7 +60,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.type not in MODEL_TYPES:
             raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got '{self.type}'")
-        if self.type not in TESTBED_CHECKPOINTS and not self.checkpoint:
+        if self.type not in SHIPPED_TESTBEDS and not self.checkpoint:
             raise ConfigError(f"model.checkpoint is required for model.type={self.type} (path to the SAM .pth)")
         if not self.sam2_stability_fallback and self.type not in (*SAM2_MODEL_TYPES, SAM2_TESTBED_TYPE):
             raise ConfigError(f"model.sam2_stability_fallback applies to SAM2 only ({SAM2_MODEL_TYPES}); "
@@ -382,9 +382,9 @@ class RunConfig:
 
     def _check_testbed_family(self) -> None:
         """A shipped testbed evaluated on the synthetic data of another shape family is a mistake, not a protocol."""
-        if not self.data.is_synthetic or self.model.checkpoint or self.model.type not in TESTBED_DATA:
+        if not self.data.is_synthetic or self.model.checkpoint or self.model.type not in SHIPPED_TESTBEDS:
             return
-        family, seed = TESTBED_DATA[self.model.type]
+        family, seed = SHIPPED_TESTBEDS[self.model.type].family, SHIPPED_TESTBEDS[self.model.type].seed
         if self.data.synthetic_family != family:
             raise ConfigError(f"model.type={self.model.type} was trained on the '{family}' synthetic family, but "
                               f"data.synthetic_family={self.data.synthetic_family}: add data.synthetic_family={family} "

@@ -58,7 +58,7 @@ from carsam.record import (
     write_record,
 )
 from carsam.run_context import RunContext
-from carsam.testbed.shipped import TESTBED_CHECKPOINTS
+from carsam.testbed.shipped import SHIPPED_TESTBEDS
 from carsam.tracking import Tracker, log_diagnostic_curves
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def load_datasets(data: DataConfig, seed: int, calibrate: bool = True) -> DataSe
 
 def model_description(model: ModelConfig) -> dict[str, Any]:
     """What the record says about the model: type, checkpoint path and its SHA-256."""
-    checkpoint = Path(model.checkpoint) if model.checkpoint else TESTBED_CHECKPOINTS[model.type]
+    checkpoint = Path(model.checkpoint) if model.checkpoint else SHIPPED_TESTBEDS[model.type].checkpoint
     sha = "missing"
     if checkpoint.is_file():
         sha = memoised_file_sha256(checkpoint)

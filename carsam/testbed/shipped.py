@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from segment_anything.modeling import Sam
 
 from carsam.testbed.sam2_spec import (
     SAM2_TESTBED_TYPE,
@@ -25,6 +27,9 @@ from carsam.testbed.sam2_spec import (
 )
 from carsam.testbed.spec import TestbedSpec, build_testbed_from_checkpoint, build_testbed_sam
 
+if TYPE_CHECKING:
+    from carsam.models.sam2_image import Sam2ImageModel
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -33,9 +38,9 @@ class Architecture:
     """A testbed architecture: its spec, and how to build it at random (seed the global RNG first) or from a
     checkpoint (fp16-stored, upcast to fp32)."""
 
-    spec: Any
-    build: Callable[[Any], Any]
-    from_checkpoint: Callable[[Path, Any], Any]
+    spec: TestbedSpec | Sam2TestbedSpec
+    build: Callable[[Any], Sam | Sam2ImageModel]
+    from_checkpoint: Callable[[Path, Any], Sam | Sam2ImageModel]
 
 
 # the v1 family's (segment_anything classes) and the SAM2 testbed's (the sam2 package's)
@@ -71,12 +76,10 @@ SHIPPED_TESTBEDS = {
     "testbed_v2_long": ShippedTestbed("testbed_v2_long_sam.pth", "testbed_v2_long.json"),
     SAM2_TESTBED_TYPE: ShippedTestbed("sam2_testbed.pth", "sam2_testbed.json", architecture="sam2"),
 }
-TESTBED_CHECKPOINTS = {name: testbed.checkpoint for name, testbed in SHIPPED_TESTBEDS.items()}
-TESTBED_DATA = {name: (testbed.family, testbed.seed) for name, testbed in SHIPPED_TESTBEDS.items()}
-TESTBED_CHECKPOINT = TESTBED_CHECKPOINTS["testbed"]  # the default testbed's, used by fast tests and benches
+TESTBED_CHECKPOINT = SHIPPED_TESTBEDS["testbed"].checkpoint  # the default testbed's, used by fast tests and benches
 
 
-def build_shipped_testbed(model_type: str, checkpoint: str | Path | None = None) -> Any:
+def build_shipped_testbed(model_type: str, checkpoint: str | Path | None = None) -> Sam | Sam2ImageModel:
     """The testbed `model_type` from its shipped checkpoint (or from `checkpoint`, a state dict of the same
     architecture), in eval mode."""
     testbed = SHIPPED_TESTBEDS[model_type]
@@ -84,7 +87,7 @@ def build_shipped_testbed(model_type: str, checkpoint: str | Path | None = None)
     return arch.from_checkpoint(Path(checkpoint) if checkpoint else testbed.checkpoint, arch.spec)
 
 
-def build_random_testbed(model_type: str) -> Any:
+def build_random_testbed(model_type: str) -> Sam | Sam2ImageModel:
     """The architecture of testbed `model_type` with its own random initialisation (seed the global RNG first)."""
     arch = ARCHITECTURES[SHIPPED_TESTBEDS[model_type].architecture]
     return arch.build(arch.spec)
