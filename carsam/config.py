@@ -27,10 +27,10 @@ from carsam.methods.mac import TARGETS as MAC_TARGETS
 from carsam.methods.registry import get_method, method_names
 from carsam.models.quantize import QuantConfig
 from carsam.models.sam import REAL_MODEL_TYPES
-from carsam.models.sam2_image import SAM2_MODEL_TYPES
+from carsam.models.sam2_image import SAM2_MODEL_TYPES, SAM2_STABILITY_FALLBACK
 from carsam.recon.block_io import INPUT_SOURCES
 from carsam.recon.units import DECODER_GROUPINGS, ENCODER_GROUPINGS, JOINT_GROUPINGS
-from carsam.testbed.sam2_spec import SAM2_TESTBED_TYPE
+from carsam.testbed.sam2_spec import SAM2_TESTBED_STABILITY_FALLBACK, SAM2_TESTBED_TYPE
 from carsam.testbed.shipped import SHIPPED_TESTBEDS
 from carsam.tracking import MODES as TRACKER_MODES
 
@@ -51,20 +51,26 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which SAM to quantize. `checkpoint` empty with `type: testbed` (or `testbed_v2`) means that testbed's
     shipped checkpoint. `sam2_stability_fallback` (SAM2 only): SAM2's image-predictor fallback from an unstable
-    single mask to the best multimask output (on by default, as `build_sam2` sets it)."""
+    single mask to the best multimask output; null (the default) resolves to the model's own: on for the real
+    SAM2 checkpoints (as `build_sam2` sets it), off for `sam2_testbed` (its multimask tokens are untrained;
+    carsam.testbed.sam2_spec). The resolved value is what a run records; it stays null for SAM v1."""
 
     type: str = "testbed"
     checkpoint: str = ""
-    sam2_stability_fallback: bool = True
+    sam2_stability_fallback: bool | None = None
 
     def __post_init__(self) -> None:
         if self.type not in MODEL_TYPES:
             raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got '{self.type}'")
         if self.type not in SHIPPED_TESTBEDS and not self.checkpoint:
             raise ConfigError(f"model.checkpoint is required for model.type={self.type} (path to the SAM .pth)")
-        if not self.sam2_stability_fallback and self.type not in (*SAM2_MODEL_TYPES, SAM2_TESTBED_TYPE):
-            raise ConfigError(f"model.sam2_stability_fallback applies to SAM2 only ({SAM2_MODEL_TYPES}); "
-                              f"remove it for model.type={self.type}")
+        if self.type in SAM2_MODEL_TYPES or self.type == SAM2_TESTBED_TYPE:
+            if self.sam2_stability_fallback is None:
+                default = SAM2_TESTBED_STABILITY_FALLBACK if self.type == SAM2_TESTBED_TYPE else SAM2_STABILITY_FALLBACK
+                object.__setattr__(self, "sam2_stability_fallback", default)
+        elif self.sam2_stability_fallback is False:  # true is accepted (and ignored) so older SAM v1 records load
+            raise ConfigError(f"model.sam2_stability_fallback applies to SAM2 only ({SAM2_MODEL_TYPES}, "
+                              f"{SAM2_TESTBED_TYPE}); remove it for model.type={self.type}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,3 +178,21 @@ def test_the_sam2_experiments_cover_every_method_on_the_sam2_testbed():
         if stem != "fp":
             namesake = resolve(Path(__file__).resolve().parents[1] / "experiments" / f"{stem}.yaml")
             assert dataclasses.replace(config, model=namesake.model) == namesake
+
+
+@pytest.mark.parametrize(("model_type", "checkpoint", "expected"), [
+    ("sam2_testbed", "", False),  # its multimask tokens are untrained: SAM2_TESTBED_STABILITY_FALLBACK
+    ("sam2_t", "x.pt", True),  # the real checkpoints keep build_sam2's default
+    ("testbed", "", None),  # SAM v1 has no such fallback
+])
+def test_sam2_stability_fallback_resolves_to_the_models_own_default(model_type, checkpoint, expected):
+    overrides = [f"model.type={model_type}"] + ([f"model.checkpoint={checkpoint}"] if checkpoint else [])
+    assert resolve(None, overrides).model.sam2_stability_fallback is expected
+    if expected is not None:  # an explicit value wins
+        assert resolve(None, [*overrides, f"model.sam2_stability_fallback={not expected}"]
+                       ).model.sam2_stability_fallback is (not expected)
+
+
+def test_sam2_stability_fallback_off_on_sam_v1_raises():
+    with pytest.raises(ConfigError, match="applies to SAM2 only"):
+        resolve(None, ["model.sam2_stability_fallback=false"])

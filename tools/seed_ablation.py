@@ -1,7 +1,7 @@
-"""The CAR-SAM ablation over seeds (issues 13 and 14): reference rows (FP, RTN, BRECQ), PTQ4SAM (baseline),
-+ MAC, + JCAR (and its granularities), + both, at chosen bit widths, each over several seeds; every run scores
-both protocols (detector boxes: `eval/mAP`; GT boxes: `eval/gt_box_mAP`, CAR-SAM's), so one quantized model
-serves both tables.
+"""The CAR-SAM ablation over seeds (issues 13, 14, 18): reference rows (FP, RTN, OMSE, BRECQ, QDrop),
+PTQ4SAM (baseline), + MAC, + JCAR (and its granularities), + both, at chosen bit widths, each over several
+seeds; every run scores both protocols (detector boxes: `eval/mAP`; GT boxes: `eval/gt_box_mAP`, CAR-SAM's), so one
+quantized model serves both tables.
 
     python tools/seed_ablation.py run --runs /tmp/ablation --data data --seeds 0 1 2 --workers 2
     python tools/seed_ablation.py run --runs /tmp/v2 --rows fp rtn brecq baseline --bits w4a4 \
@@ -40,7 +40,9 @@ CARSAM_OFF = ["mac.enabled=false", "jcar.enabled=false"]
 ROWS = {  # row name -> (experiment file, overrides); bits are set by quant.w_bits / quant.a_bits
     "fp": ("experiments/fp.yaml", []),
     "rtn": ("experiments/rtn_w4a4.yaml", []),
+    "omse": ("experiments/omse_w4a4.yaml", []),
     "brecq": ("experiments/brecq_w4a4.yaml", []),
+    "qdrop": ("experiments/qdrop_w4a4.yaml", []),
     "baseline": ("experiments/carsam_w4a4.yaml", CARSAM_OFF),  # PTQ4SAM
     "mac": ("experiments/carsam_w4a4.yaml", ["jcar.enabled=false"]),
     "jcar": ("experiments/carsam_w4a4.yaml", ["mac.enabled=false"]),  # carsam's default grouping (chain)

@@ -29,10 +29,11 @@ def build_real_sam(model_type: str, checkpoint: str | Path) -> Sam:
     return apply_state_dict(sam, state, model_type, checkpoint)
 
 
-def build_model(model_type: str, checkpoint: str | Path | None = None, sam2_stability_fallback: bool = True
+def build_model(model_type: str, checkpoint: str | Path | None = None, sam2_stability_fallback: bool | None = None
                 ) -> SamModel:
     """The FP SAM to quantize: a testbed (its shipped checkpoint unless `checkpoint`), vit_b/l/h or SAM2
-    (`sam2_stability_fallback`: `Sam2ImageModel.stability_fallback`, SAM2's single-mask fallback)."""
+    (`sam2_stability_fallback`: `Sam2ImageModel.stability_fallback`, SAM2's single-mask fallback; None keeps the
+    model's own default)."""
     model: SamModel
     if model_type in SHIPPED_TESTBEDS:
         model = build_shipped_testbed(model_type, checkpoint)
@@ -43,7 +44,7 @@ def build_model(model_type: str, checkpoint: str | Path | None = None, sam2_stab
         model = build_real_sam2(model_type, checkpoint)
     else:
         return build_real_sam(model_type, checkpoint)
-    if isinstance(model, Sam2ImageModel):
+    if isinstance(model, Sam2ImageModel) and sam2_stability_fallback is not None:
         model.stability_fallback = sam2_stability_fallback
     return model
 

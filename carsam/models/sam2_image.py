@@ -32,6 +32,7 @@ SAM2_CONFIGS = {  # model.type -> the sam2 package's Hydra config (SAM 2.1 check
     "sam2_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
 }
 SAM2_MODEL_TYPES = tuple(SAM2_CONFIGS)
+SAM2_STABILITY_FALLBACK = True  # the sam2.1 configs' `dynamic_multimask_via_stability`, as `build_sam2` sets it
 BOX_CORNER_LABELS = (2, 3)  # SAM2's point labels of a box's top-left and bottom-right corners
 
 
