@@ -7,9 +7,10 @@ network. The page (`carsam/report/dashboard.html`: inline CSS, JS and hand-drawn
 with every `<` written `\\u003c` so no string can close the script. Non-finite numbers become null.
 
 Data layout (`DATA_VERSION` 2):
-- `runs`: one entry per readable record, oldest first: run_id, name, method, w_bits, a_bits, seed,
-  prompts, status, metrics, timings, seconds (`timings.total`), has_diagnostics, setting (the report's cell
-  of the run, seeds aside: `carsam.report.records.setting_labels`; the page's "mean over seeds" groups by it).
+- `runs`: one entry per readable record, oldest first: run_id, name, method, model (`model.type`), w_bits,
+  a_bits, seed, prompts, status, metrics, timings, seconds (`timings.total`), has_diagnostics, setting (the
+  report's cell of the run, seeds aside: `carsam.report.records.setting_labels`; the page's "mean over seeds"
+  groups by it).
 - `diagnostics[run_id]` (runs with a readable diagnostics file only):
   `attention`: rows `[module, layer, head, kind, value]` (kinds without a '/', e.g. `entropy_q`);
   `curves`: `{unit: {stream: {"step": [...], "value": [...]}}}` from the `loss/{stream}` rows;
@@ -73,6 +74,7 @@ def _json_safe(obj: Any) -> Any:
 def _run_entry(rec: dict[str, Any], has_diagnostics: bool, setting: str) -> dict[str, Any]:
     """The table fields of one record; `setting`: its `setting_labels` entry."""
     entry: dict[str, Any] = {key: rec.get(key) for key in RUN_KEYS}
+    entry["model"] = str((rec.get("model") or {}).get("type", ""))
     entry["setting"] = setting
     entry["metrics"] = dict(rec.get("metrics") or {})
     entry["timings"] = dict(rec.get("timings") or {})

@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 
-from carsam.config import JcarConfig, MacConfig, RunConfig, to_dict
+from carsam.config import SAM2_TYPES, JcarConfig, MacConfig, RunConfig, to_dict
 from carsam.record import list_records
 
 COMPLETED = "completed"
@@ -124,13 +124,19 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 DEFAULT_SETTINGS = flatten(to_dict(RunConfig()))
 # what a record written before these fields existed ran with (their defaults changed when they arrived)
 LEGACY_VALUES = {"quant.rel_pos_query": "fp", "recon.agq_encoder": "False"}
+FALLBACK_KEY = "model.sam2_stability_fallback"
 
 
 def settings_of(record: Mapping[str, Any]) -> dict[str, str]:
-    """The record's flattened resolved config, with the keys it lacks filled in (module docstring)."""
+    """The record's flattened resolved config, with the keys it lacks filled in (module docstring). SAM2's
+    stability fallback reads as unset for a SAM v1 model, which has none (records before its default became
+    null wrote `true`)."""
     flat = flatten(record.get("config") or {})
     missing = {k: LEGACY_VALUES.get(k, v) for k, v in DEFAULT_SETTINGS.items() if k not in flat}
-    return {**flat, **missing}
+    settings = {**flat, **missing}
+    if settings["model.type"] not in SAM2_TYPES:
+        settings[FALLBACK_KEY] = DEFAULT_SETTINGS[FALLBACK_KEY]
+    return settings
 
 
 def _is_setting(key: str) -> bool:

@@ -17,7 +17,7 @@ from carsam.diagnostics.writer import write_diagnostics
 from carsam.record import RunRecord, write_record
 
 BASE_CONFIG: dict[str, Any] = {
-    "seed": 0, "data": {"synthetic_seed": 0, "prompt_source": "detector"},
+    "seed": 0, "model": {"type": "testbed"}, "data": {"synthetic_seed": 0, "prompt_source": "detector"},
     "quant": {"w_bits": 4, "a_bits": 4, "quantize_encoder": True, "a_observer": "mse"},
     "recon": {"iters": 500, "round_weight": 0.01},
     "mac": dataclasses.asdict(MacConfig()),  # the code defaults: CAR-SAM's main setting
@@ -36,7 +36,7 @@ def make_run(runs_dir: Path, run_id: str, method: str, metrics: dict[str, float]
     cfg["quant"].update(w_bits=bits, a_bits=bits)
     for section, values in config.items():
         cfg[section].update(values)
-    record = RunRecord(run_id=run_id, name=run_id, method=method, model={"type": "testbed"},
+    record = RunRecord(run_id=run_id, name=run_id, method=method, model={"type": cfg["model"]["type"]},
                        w_bits=bits, a_bits=bits, prompts="detector", seed=seed, config=cfg, versions={},
                        git_commit="x", started_at="t", status=status, metrics=dict(metrics), error=error,
                        timings={} if total is None else {"total": total})

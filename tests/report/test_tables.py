@@ -127,6 +127,20 @@ def test_runs_with_another_setting_are_not_averaged_together(runs):
     assert _cell(table, method="ptq4sam", other="recon.round_weight=0.001")["mean"] == pytest.approx(0.20)
 
 
+def test_runs_of_another_model_are_not_averaged_together(runs):
+    """A SAM2-testbed run beside SAM v1 runs of the same cell stays apart; a v1 record written when the
+    stability fallback still defaulted to true (for every model) is averaged with today's (null)."""
+    make_run(runs, "r11-ptq4sam-sam2", "ptq4sam", metrics(0.30),
+             model={"type": "sam2_testbed", "sam2_stability_fallback": False})
+    make_run(runs, "r12-ptq4sam-old-v1", "ptq4sam", metrics(0.44), data_seed=2,
+             model={"sam2_stability_fallback": True})
+    table = ablation_tables(long_table(runs))["method_bits"]
+    sam2 = _cell(table, method="ptq4sam", other="model.sam2_stability_fallback=False, model.type=sam2_testbed")
+    assert (sam2["mean"], sam2["n"]) == (pytest.approx(0.30), 1)
+    v1 = _cell(table, method="ptq4sam", other="-")
+    assert (v1["mean"], v1["n"]) == (pytest.approx((0.40 + 0.42 + 0.44) / 3), 3)
+
+
 def test_a_record_older_than_a_placement_field_is_not_averaged_with_its_new_default(runs):
     """Records written before `quant.rel_pos_query` and `recon.agq_encoder` existed ran with the FP-query
     rel-pos term and no encoder AGQ, which today's defaults are not: the cells stay apart."""

@@ -152,6 +152,17 @@ def test_runs_that_differ_only_in_their_seed_share_a_setting(tmp_path):
     assert "W4A4" in settings["a0"] and "W6A6" in settings["b0"]
 
 
+def test_a_sam2_run_shows_its_model_and_is_not_grouped_with_sam_v1(tmp_path):
+    from tests.report.helpers import make_run, metrics
+
+    root = tmp_path / "runs"
+    make_run(root, "v1", "ptq4sam", metrics(0.40))
+    make_run(root, "s2", "ptq4sam", metrics(0.30), model={"type": "sam2_testbed", "sam2_stability_fallback": False})
+    runs = {r["run_id"]: r for r in dashboard_data(root)["runs"]}
+    assert (runs["v1"]["model"], runs["s2"]["model"]) == ("testbed", "sam2_testbed")
+    assert runs["v1"]["setting"] != runs["s2"]["setting"]
+
+
 def test_a_run_with_an_empty_diagnostics_table_is_embedded_empty_not_skipped(tmp_path, caplog):
     from carsam.diagnostics.writer import write_diagnostics
     from tests.report.helpers import make_run, metrics
