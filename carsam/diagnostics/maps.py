@@ -9,9 +9,10 @@ first input of each attention's `pv_matmul` (P before the probability quantizer)
 quantizer in FP mode and once with the quantizers as the caller left them.
 
 `runs/<run_id>/attention_maps.npz` (`write_attention_maps` / `read_attention_maps`, plain arrays, no
-pickle) keeps the maps with the model-input frame of each prompt's image (resized so the long side is
-the encoder's img_size, zero-padded to a square, then shrunk to at most `IMAGE_SIDE` pixels) and the
-box in that frame's pixels, so the report's figures and the dashboard draw them without the dataset.
+pickle) keeps the maps with the model-input frame of each prompt's image (SAM: the long side resized to
+the encoder's img_size and zero-padded to a square; SAM2: the square resize; then shrunk to at most
+`IMAGE_SIDE` pixels) and the box in that frame's pixels, so the report's figures and the dashboard draw
+them without the dataset.
 """
 
 from __future__ import annotations
@@ -94,15 +95,12 @@ def input_frame(predictor: SamBoxPredictor, image: np.ndarray, boxes: np.ndarray
                 side: int = IMAGE_SIDE) -> tuple[np.ndarray, np.ndarray]:
     """The model-input frame of `image` (H, W, 3) uint8 and `boxes` (N, 4) xyxy (original pixels) in it.
 
-    The frame is the resized image (long side = img_size, as SAM frames it) zero-padded at the bottom and
-    right to img_size x img_size, then shrunk to `min(side, img_size)` pixels a side. Returns the frame
-    `(F, F, 3)` uint8 and the boxes `(N, 4)` float32 in its pixels.
+    The frame is the predictor's (`SamBoxPredictor.input_frame`: SAM's long-side resize zero-padded to
+    S x S, SAM2's square resize), shrunk to `min(side, S)` pixels a side, so the embedding grid's cells tile
+    it. Returns the frame `(F, F, 3)` uint8 and the boxes `(N, 4)` float32 in its pixels.
     """
-    img_size = predictor.sam.image_encoder.img_size
-    resized = predictor.transform.apply_image(image)
-    frame = np.zeros((img_size, img_size, 3), dtype=np.uint8)
-    frame[:resized.shape[0], :resized.shape[1]] = resized
-    scaled = predictor.transform.apply_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), image.shape[:2])
+    frame, scaled = predictor.input_frame(image, boxes)
+    img_size = frame.shape[0]
     out = min(side, img_size)
     if out != img_size:
         frame = np.asarray(Image.fromarray(frame).resize((out, out), Image.Resampling.BILINEAR))

@@ -114,6 +114,16 @@ class SamBoxPredictor:
         chunks = [self._decode(features, embedding, part) for part in boxes_t.split(self.max_boxes_per_batch)]
         return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
+    def input_frame(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's input frame of `image` (H, W, 3) uint8, as a picture: (S, S, 3) uint8 (SAM's: the long
+        side resized to S, zero-padded at the bottom and right), and `boxes` (N, 4) xyxy original pixels ->
+        (N, 4) float64 in its pixels. The image embedding's grid covers this frame."""
+        side = self.sam.image_encoder.img_size
+        resized = self.transform.apply_image(image)
+        frame = np.zeros((side, side, 3), dtype=np.uint8)
+        frame[:resized.shape[0], :resized.shape[1]] = resized
+        return frame, self.transform.apply_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), image.shape[:2])
+
     def input_frame_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> torch.Tensor:
         """Boxes (N, 4) xyxy in original pixels -> (N, 4) float32 in the encoder's input frame, on the device."""
         scaled = self.transform.apply_boxes(boxes, original_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from sam2.utils.transforms import SAM2Transforms
 
 from carsam.eval.inference import EmbeddingSource, ImageEmbedding, SamBoxPredictor
@@ -45,6 +46,14 @@ class Sam2BoxPredictor(SamBoxPredictor):
             check_finite_output(tensor, f"the image encoder's {name}")
         side = self.sam.image_size
         return ImageEmbedding(image_embed, (side, side), (image.shape[0], image.shape[1]), (feat_s0, feat_s1))
+
+    def input_frame(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The S x S input frame of `image` (H, W, 3) uint8 as a picture (the square resize, no padding; bilinear,
+        for display), and `boxes` (N, 4) xyxy original pixels -> (N, 4) float64 in its pixels."""
+        side = self.sam.image_size
+        frame = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
+        corners = self.input_frame_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), image.shape[:2])
+        return frame, corners.reshape(-1, 4).cpu().numpy().astype(np.float64)
 
     def input_frame_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> torch.Tensor:
         """Boxes (N, 4) xyxy in original pixels -> their corners (N, 2, 2) in the S x S input frame (float32)."""

@@ -167,3 +167,20 @@ def test_units_and_diagnostic_sites_are_found_on_the_sam2_testbed():
     sites = attention_sites(sam, ("encoder", "decoder"))
     assert [s.path for s in sites[:6]] == [f"image_encoder.trunk.blocks.{i}.attn" for i in range(6)]
     assert len(sites) == 13 and all(isinstance(s.attention, QuantHieraAttention) for s in sites[:6])
+
+
+def test_sam2_input_frame_is_the_square_resize_its_grid_covers():
+    """SAM2's frame (the picture under its attention maps) is the S x S stretch of the image, not SAM v1's
+    padded long-side resize: a (64, 32) image fills the whole 256 x 256 frame, and a box scales by S/W, S/H."""
+    from carsam.diagnostics.maps import input_frame
+    from carsam.testbed.sam2_spec import build_sam2_testbed
+
+    torch.manual_seed(0)
+    predictor = box_predictor(build_sam2_testbed())
+    image = np.full((64, 32, 3), 200, dtype=np.uint8)
+    frame, boxes = input_frame(predictor, image, np.array([[0, 0, 16, 32]], dtype=np.float32))
+    assert frame.shape == (256, 256, 3) and (frame == 200).all()  # no padding
+    np.testing.assert_allclose(boxes, [[0, 0, 128, 128]], atol=1e-4)  # x by 256/32, y by 256/64
+    small, small_boxes = input_frame(predictor, image, np.array([[0, 0, 16, 32]], dtype=np.float32), side=64)
+    assert small.shape == (64, 64, 3)
+    np.testing.assert_allclose(small_boxes, [[0, 0, 32, 32]], atol=1e-4)
