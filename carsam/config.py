@@ -65,11 +65,10 @@ class ModelConfig:
             raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got '{self.type}'")
         if self.type not in SHIPPED_TESTBEDS and not self.checkpoint:
             raise ConfigError(f"model.checkpoint is required for model.type={self.type} (path to the SAM .pth)")
-        if self.type in SAM2_TYPES:
-            if self.sam2_stability_fallback is None:
-                default = SAM2_TESTBED_STABILITY_FALLBACK if self.type == SAM2_TESTBED_TYPE else SAM2_STABILITY_FALLBACK
-                object.__setattr__(self, "sam2_stability_fallback", default)
-        elif self.sam2_stability_fallback is False:  # true is accepted (and ignored) so older SAM v1 records load
+        if self.type in SAM2_TYPES and self.sam2_stability_fallback is None:
+            default = SAM2_TESTBED_STABILITY_FALLBACK if self.type == SAM2_TESTBED_TYPE else SAM2_STABILITY_FALLBACK
+            object.__setattr__(self, "sam2_stability_fallback", default)
+        elif self.type not in SAM2_TYPES and self.sam2_stability_fallback is False:  # true: ignored (old v1 records)
             raise ConfigError(f"model.sam2_stability_fallback applies to SAM2 only ({SAM2_TYPES}); "
                               f"remove it for model.type={self.type}")
 

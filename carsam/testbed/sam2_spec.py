@@ -23,8 +23,7 @@ SAM2_TESTBED_TYPE = "sam2_testbed"
 BASE_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 # The testbed's default for SAM2's stability fallback (`Sam2ImageModel.stability_fallback`): off, because its
 # training supervises the single-mask output only (mask token 0, carsam.testbed.train) and the multimask tokens
-# the fallback would switch to keep their random initialisation. Measured on the shipped checkpoint, fallback
-# on: mAP 44.4 detector / 54.3 GT boxes; off: 51.4 / 64.7 (docs/sam2.md).
+# the fallback would switch to keep their random initialisation (what it costs: docs/sam2.md).
 SAM2_TESTBED_STABILITY_FALLBACK = False
 
 
